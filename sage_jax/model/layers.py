@@ -1,0 +1,109 @@
+"""The building blocks of the decoder, as pure functions of arrays.
+
+Numerics follow Hugging Face `transformers` on purpose (RMSNorm in float32, rotate-half RoPE
+with cos/sin computed in float32, softmax in float32) so logits match to float32 rounding.
+Shapes: B batch, T query length, S key length, D hidden, N query heads, K kv heads,
+G = N // K query heads per kv head, H head_dim, F mlp, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sage_jax.model.config import ModelConfig, RopeConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [H/2] (static), with linear or llama3 scaling as in transformers."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    if rope.type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] in float32 for integer positions [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the HF layout) on x [B, T, heads, H]."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(
+    q_slots: jax.Array, q_seg: jax.Array, k_slots: jax.Array, k_seg: jax.Array, window: jax.Array
+) -> jax.Array:
+    """[B, T, S] bool: causal, same segment (packing), and inside the sliding window if window > 0.
+
+    Slots are indices in the row's buffer (the KV cache, or the packed row), so causality and the
+    window never depend on the (per-segment) RoPE positions.
+    """
+    q = q_slots[:, :, None]
+    k = k_slots[:, None, :]
+    mask = (k <= q) & (q_seg[:, :, None] == k_seg[:, None, :])
+    return mask & ((window <= 0) | (q - k < window))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """Dense SwiGLU MLP; kernels in [in, out] layout."""
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def moe(cfg: ModelConfig, x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """Mixtral top-k MoE: softmax router, top-k renormalised, weighted sum of expert SwiGLUs.
+
+    Every expert runs on every token and the top-k combine weights (zero elsewhere) select; this
+    is exact, shards over the `expert` mesh axis with one reduction, and avoids gathers. It costs
+    E/k times the routed FLOPs, which matters only for large E (a dispatch kernel is future work).
+    """
+    logits = jnp.einsum("btd,de->bte", x, router).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_w, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    # Combine weights [B,T,E]: scatter the k weights by comparing indices (no one-hot over vocab).
+    experts = jnp.arange(cfg.num_experts)
+    combine = jnp.sum(jnp.where(top_i[..., None] == experts, top_w[..., None], 0.0), axis=-2)
+    h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum("btd,edf->btef", x, up)
+    out = jnp.einsum("btef,efd->bted", h, down)
+    return jnp.einsum("bted,bte->btd", out.astype(jnp.float32), combine).astype(x.dtype)

@@ -1,0 +1,173 @@
+"""The decoder: `forward(cfg, params, tokens, positions, segment_ids, cache) -> (logits, cache)`.
+
+One pure function for all families; the layers are stacked and run by `lax.scan`, so compile
+time does not grow with depth. Packing: `segment_ids` (0 = padding) keep segments from
+attending to each other, and per-segment positions are derived when not given. Caching: a
+chunk of T tokens is written at each row's `end` slot, so prefill, chunked prefill and
+token-by-token decode are the same call (padding must sit at the right end of a chunk).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sage_jax.model import layers as L
+from sage_jax.model.config import ModelConfig
+from sage_jax.model.params import Params
+
+Cache = dict[str, jax.Array]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+    """An empty KV cache: k/v [L, B, S, K, H], per-slot segment ids [B, S], fill level `end` [B]."""
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dt),
+        "v": jnp.zeros(shape, dt),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "end": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+CACHE_AXES = {
+    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "segment_ids": ("batch", "length"),
+    "end": ("batch",),
+}
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at every segment boundary of a packed row [B, T]."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    boundary = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start = jax.lax.cummax(jnp.where(boundary, t, 0), axis=1)
+    return t - start
+
+
+def _write(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+    """Per-row dynamic update: buf [B, S, ...] <- chunk [B, T, ...] at slot start[b]."""
+
+    def one(b, c, s):
+        return jax.lax.dynamic_update_slice_in_dim(b, c.astype(b.dtype), s, axis=0)
+
+    return jax.vmap(one)(buf, chunk, start)
+
+
+def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, cache_kv, start):
+    dt = x.dtype
+    h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", h, p["k_proj"].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    if cfg.qk_norm:
+        q = L.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    if cache_kv is not None:
+        ck, cv = _write(cache_kv[0], k, start), _write(cache_kv[1], v, start)
+        k_all, v_all, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+    else:
+        k_all, v_all, new_kv = k, v, None
+    attn = L.attention(q, k_all, v_all, mask(window))
+    out = jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt))
+    if cfg.o_bias:
+        out = out + p["o_bias"].astype(dt)
+    x = x + out
+    h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    if cfg.is_moe:
+        mlp = L.moe(cfg, h, p["router"].astype(dt), p["gate_proj"].astype(dt), p["up_proj"].astype(dt),
+                    p["down_proj"].astype(dt))
+    else:
+        mlp = L.swiglu(h, p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt))
+    return x + mlp, new_kv
+
+
+def hidden_states(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+) -> tuple[jax.Array, Cache | None]:
+    """The final-normed hidden states [B, T, D] (what the LM head and the losses consume)."""
+    dt = jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if cache is None:
+        q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_slots, k_seg, start = q_slots, segment_ids, None
+        if positions is None:
+            positions = segment_positions(segment_ids)
+    else:
+        s = cache["k"].shape[2]
+        if t > s:
+            raise ValueError(f"forward: chunk of {t} tokens does not fit a KV cache of {s} slots")
+        start = cache["end"]
+        q_slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        k_seg = _write(cache["segment_ids"], segment_ids, start)
+        k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if positions is None:
+            positions = q_slots
+    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rope, cfg.head_dim))
+
+    def mask(window):
+        return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
+
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+    windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
+    kv = None if cache is None else (cache["k"], cache["v"])
+
+    def body(x, xs):
+        p, window, layer_kv = xs
+        return _layer(cfg, x, p, window, cos, sin, mask, layer_kv, start)
+
+    if cfg.remat != "none":
+        policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+        body = jax.checkpoint(body, policy=policy)
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], windows, kv))
+    x = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = {
+            "k": new_kv[0],
+            "v": new_kv[1],
+            "segment_ids": k_seg,
+            "end": start + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
+        }
+    return x, new_cache
+
+
+def lm_head(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Logits [..., vocab_size] from hidden states; vocabulary padding rows are dropped."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = x @ w.astype(x.dtype)
+    if cfg.embed_rows != cfg.vocab_size:
+        logits = logits[..., : cfg.vocab_size]
+    return logits
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+) -> tuple[jax.Array, Cache | None]:
+    """Logits [B, T, vocab] and the updated cache (None when called without one).
+
+    tokens int32 [B, T]; positions [B, T] (default: per-segment, or continuing the cache);
+    segment_ids [B, T] (default all 1; 0 marks padding, which with a cache must be at the right).
+    """
+    x, cache = hidden_states(cfg, params, tokens, positions, segment_ids, cache)
+    return lm_head(cfg, params, x), cache

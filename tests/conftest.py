@@ -6,3 +6,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct converted to an HF directory (default cache; converted once)."""
+    from sage_jax.model.smollm2 import fetch_smollm2
+
+    return fetch_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    """The converted SmolLM2 loaded by transformers (PyTorch, float32): the oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

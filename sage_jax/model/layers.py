@@ -85,11 +85,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, n, h)
 
 
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """Dense SwiGLU MLP; kernels in [in, out] layout."""
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
-
-
 def moe(cfg: ModelConfig, x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """Mixtral top-k MoE: softmax router, top-k renormalised, weighted sum of expert SwiGLUs.
 

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from sage_jax.model import layers as L
 from sage_jax.model.config import ModelConfig
+from sage_jax.model.lora import TARGETS, LoraConfig
+from sage_jax.model.lora import apply as lora_apply
 from sage_jax.model.params import Params
 
 Cache = dict[str, jax.Array]
@@ -72,14 +74,19 @@ def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.
     return buf.at[layer, rows, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
-def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, keys_values):
+def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, keys_values, lora=None, adapters=None, rng=None):
     """One decoder layer; `keys_values(k, v)` returns the keys/values to attend to (the chunk's
-    own, or the KV cache after writing the chunk into it) and the updated cache."""
+    own, or the KV cache after writing the chunk into it) and the updated cache. `adapters`
+    holds this layer's LoRA a/b per target (see sage_jax.model.lora)."""
     dt = x.dtype
+    adapters = adapters or {}
+
+    def proj(name, inp):
+        r = None if rng is None else jax.random.fold_in(rng, TARGETS.index(name))
+        return lora_apply(inp, p[name], name, adapters.get(name), lora, r)
+
     h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", h, p["k_proj"].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dt))
+    q, k, v = proj("q_proj", h), proj("k_proj", h), proj("v_proj", h)
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     if cfg.qk_norm:
@@ -88,7 +95,7 @@ def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, keys_values):
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     k_all, v_all, new_kv = keys_values(k, v)
     attn = L.attention(q, k_all, v_all, mask(window))
-    out = jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(dt))
+    out = proj("o_proj", attn)
     if cfg.o_bias:
         out = out + p["o_bias"].astype(dt)
     x = x + out
@@ -97,7 +104,7 @@ def _layer(cfg: ModelConfig, x, p, window, cos, sin, mask, keys_values):
         mlp = L.moe(cfg, h, p["router"].astype(dt), p["gate_proj"].astype(dt), p["up_proj"].astype(dt),
                     p["down_proj"].astype(dt))
     else:
-        mlp = L.swiglu(h, p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt))
+        mlp = proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h))
     return x + mlp, new_kv
 
 
@@ -108,8 +115,17 @@ def hidden_states(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
+    *,
+    lora: LoraConfig | None = None,
+    adapters: Params | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Cache | None]:
-    """The final-normed hidden states [B, T, D] (what the LM head and the losses consume)."""
+    """The final-normed hidden states [B, T, D] (what the LM head and the losses consume).
+
+    `adapters` (from sage_jax.model.lora.init_lora) with their `lora` config add LoRA paths;
+    `dropout_rng` enables LoRA dropout (training only)."""
+    if (lora is None) != (adapters is None):
+        raise ValueError("hidden_states: pass both `lora` and `adapters`, or neither")
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens.shape
     if segment_ids is None:
@@ -141,7 +157,8 @@ def hidden_states(
 
     def body(carry, xs):
         x, kv = carry
-        p, window, i = xs
+        p, window, i, layer_adapters = xs
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
 
         def keys_values(k, v):
             if kv is None:
@@ -149,13 +166,14 @@ def hidden_states(
             ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
             return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
 
-        return _layer(cfg, x, p, window, cos, sin, mask, keys_values), None
+        return _layer(cfg, x, p, window, cos, sin, mask, keys_values, lora, layer_adapters, rng), None
 
     if cfg.remat != "none":
         policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
         body = jax.checkpoint(body, policy=policy)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, new_kv), _ = jax.lax.scan(body, (x, kv), (params["layers"], windows, layer_ids))
+    layer_adapters = None if adapters is None else adapters["layers"]
+    (x, new_kv), _ = jax.lax.scan(body, (x, kv), (params["layers"], windows, layer_ids, layer_adapters))
     x = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:
@@ -184,11 +202,16 @@ def forward(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
+    *,
+    lora: LoraConfig | None = None,
+    adapters: Params | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """Logits [B, T, vocab] and the updated cache (None when called without one).
 
     tokens int32 [B, T]; positions [B, T] (default: per-segment, or continuing the cache);
     segment_ids [B, T] (default all 1; 0 marks padding, which with a cache must be at the right).
     """
-    x, cache = hidden_states(cfg, params, tokens, positions, segment_ids, cache)
+    x, cache = hidden_states(cfg, params, tokens, positions, segment_ids, cache, lora=lora, adapters=adapters,
+                             dropout_rng=dropout_rng)
     return lm_head(cfg, params, x), cache

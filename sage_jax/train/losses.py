@@ -1,0 +1,107 @@
+"""Losses from integer labels: token log-probs chunked over the vocabulary, masked cross-entropy
+(normalised by target tokens, not a mean of means) and DPO with an SFT ("ftx") term.
+
+Nothing here builds a [B, T, V] one-hot or a full-vocabulary log-softmax copy: the LM head runs
+one vocabulary chunk at a time inside a rematerialised scan, keeping a running max, log-sum-exp,
+argmax and the target's logit, so the peak is [B, T, chunk].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sage_jax.model.config import ModelConfig
+from sage_jax.model.params import Params
+
+NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStats:
+    logp: jax.Array  # [B, T] log p(target) in float32
+    correct: jax.Array  # [B, T] argmax == target
+
+
+def token_logprobs(cfg: ModelConfig, params: Params, x: jax.Array, targets: jax.Array,
+                   vocab_chunk: int = 8192) -> TokenStats:
+    """log p(targets) and argmax hits from final hidden states x [B, T, D]."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, rows]
+    w = w[:, : cfg.vocab_size].astype(x.dtype)  # vocabulary padding never competes
+    v = cfg.vocab_size
+    chunk = min(vocab_chunk, v)
+    n = -(-v // chunk)
+    if n * chunk != v:
+        w = jnp.pad(w, ((0, 0), (0, n * chunk - v)))
+    w = w.reshape(w.shape[0], n, chunk).transpose(1, 0, 2)  # [n, D, chunk]
+    b, t = targets.shape
+
+    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
+    def body(carry, xs):
+        m, s, tgt, best = carry
+        wc, start = xs
+        logits = jnp.einsum("btd,dc->btc", x, wc, preferred_element_type=jnp.float32)
+        cols = start + jnp.arange(chunk)
+        logits = jnp.where(cols < v, logits, NEG)
+        cmax = jnp.max(logits, axis=-1)
+        carg = start + jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        m_new = jnp.maximum(m, cmax)
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+        local = targets - start
+        inside = (local >= 0) & (local < chunk)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+        tgt = jnp.where(inside, picked, tgt)
+        best = jnp.where(cmax > m, carg, best)
+        return (m_new, s, tgt, best), None
+
+    init = (jnp.full((b, t), NEG, jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32),
+            jnp.zeros((b, t), jnp.int32))
+    starts = jnp.arange(n, dtype=jnp.int32) * chunk
+    (m, s, tgt, best), _ = jax.lax.scan(body, init, (w, starts))
+    return TokenStats(logp=tgt - (m + jnp.log(s)), correct=best == targets)
+
+
+def masked_nll(logp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of -log p over masked tokens, number of masked tokens); divide the totals across
+    micro-batches, never per micro-batch, so accumulation equals one big batch."""
+    mask = mask.astype(jnp.float32)
+    return -jnp.sum(logp * mask), jnp.sum(mask)
+
+
+def sequence_logps(logp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-sequence sum of log p over the response tokens and their count ([B], [B])."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """DPO (sigmoid) + ftx * SFT on the chosen response; the paper's defaults."""
+
+    beta: float = 0.1
+    ftx: float = 1.0
+    label_smoothing: float = 0.0
+
+
+def dpo_loss(cfg: DPOConfig, chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.Array,
+             ref_rejected: jax.Array, chosen_tokens: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean over pairs of -log sigmoid(beta * margin) (+ ftx * mean per-token NLL of chosen).
+
+    All inputs [B] in float32: policy/reference log-probs summed over response tokens; the SFT
+    term is the chosen log-prob averaged over its tokens (LLaMA-Factory's `pref_ftx`).
+    """
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    eps = cfg.label_smoothing
+    dpo = -(1 - eps) * jax.nn.log_sigmoid(cfg.beta * margin) - eps * jax.nn.log_sigmoid(-cfg.beta * margin)
+    sft = -chosen / jnp.maximum(chosen_tokens, 1.0)
+    loss = jnp.mean(dpo + cfg.ftx * sft)
+    metrics = {
+        "dpo_loss": jnp.mean(dpo),
+        "sft_loss": jnp.mean(sft),
+        "reward_chosen": jnp.mean(cfg.beta * (chosen - ref_chosen)),
+        "reward_rejected": jnp.mean(cfg.beta * (rejected - ref_rejected)),
+        "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+    }
+    return loss, metrics

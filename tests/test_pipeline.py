@@ -11,7 +11,7 @@ from sage_jax.data.packing import (ExampleTooLongError, check_packed_rows, empty
                                    shift_example, unpack_row)
 from sage_jax.data.pipeline import DataConfig, make_dataset, make_iterator, state_from_bytes, state_to_bytes
 
-KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+KEYS = ("inputs", "targets", "loss_mask", "latent_mask", "segment_ids", "positions")
 
 
 def synthetic_examples(n, seq_len, seed=0, min_len=1):
@@ -71,8 +71,10 @@ def test_packed_row_exact_layout():
     np.testing.assert_array_equal(row["loss_mask"], [0, 1, 1, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 2, 2, 0, 0, 0])
     np.testing.assert_array_equal(row["positions"], [0, 1, 2, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(row["latent_mask"], np.zeros(8, bool))  # no latent_mask given
     assert {k: row[k].dtype for k in KEYS} == {"inputs": np.int32, "targets": np.int32, "loss_mask": bool,
-                                               "segment_ids": np.int32, "positions": np.int32}
+                                               "latent_mask": bool, "segment_ids": np.int32,
+                                               "positions": np.int32}
     check_packed_rows(row)
 
 

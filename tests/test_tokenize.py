@@ -325,3 +325,25 @@ def test_llama3_trims_content(toks):
     enc = encode_dialogue(msgs, tok)
     assert enc.tokens.tolist() == ref_ids(tok, msgs)
     assert supervised_runs(tok, enc) == ["{a} yo<|eot_id|>"]
+
+
+def test_latent_mask_covers_exactly_the_latent_prefix(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from sage_jax.data.packing import shift_example
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prefix = "{u_motivation: venting, u_emotion: sad, u_topic: [exam]} {a_motivation: empathy, a_emotion: caring, a_topic: [exam]}"
+    messages = [{"role": "user", "content": "I failed my exam."},
+                {"role": "assistant", "content": prefix + " Oh no, I'm sorry."},
+                {"role": "user", "content": "Thanks."},
+                {"role": "assistant", "content": prefix + " Anytime."}]
+    enc = encode_dialogue(messages, tok, latent_chars=lambda c: len(prefix) if c.startswith("{") else 0)
+    runs = []
+    idx = np.nonzero(enc.latent_mask)[0]
+    for group in np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1):
+        runs.append(tok.decode(enc.tokens[group]))
+    assert runs == [prefix, prefix]
+    assert not np.any(enc.latent_mask & ~enc.loss_mask)
+    shifted = shift_example(enc, seq_len=len(enc.tokens))
+    np.testing.assert_array_equal(shifted["latent_mask"], enc.latent_mask[1:])

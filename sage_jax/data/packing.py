@@ -39,8 +39,8 @@ __all__ = [
     "empty_row",
 ]
 
-ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-_ROW_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.bool_,
+ROW_KEYS = ("inputs", "targets", "loss_mask", "latent_mask", "segment_ids", "positions")
+_ROW_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.bool_, "latent_mask": np.bool_,
                "segment_ids": np.int32, "positions": np.int32}
 
 
@@ -69,7 +69,8 @@ def shift_example(example: Mapping[str, Any] | Any, seq_len: int) -> dict[str, n
         if not (hasattr(example, "tokens") and hasattr(example, "loss_mask")):
             raise ValueError(f"tokenized example must be a mapping or have .tokens and .loss_mask, "
                              f"got {type(example).__name__}")
-        example = {"tokens": example.tokens, "loss_mask": example.loss_mask}
+        example = {"tokens": example.tokens, "loss_mask": example.loss_mask,
+                   "latent_mask": getattr(example, "latent_mask", None)}
     try:
         tokens = np.asarray(example["tokens"])
         mask = np.asarray(example["loss_mask"])
@@ -91,7 +92,12 @@ def shift_example(example: Mapping[str, Any] | Any, seq_len: int) -> dict[str, n
         return None
     tokens = tokens.astype(np.int32, copy=False)
     mask = mask.astype(np.bool_, copy=False)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": mask[1:]}
+    # latent_mask (optional): targets inside a latent state-action prefix, for latent accuracy.
+    latent = example.get("latent_mask")
+    latent = np.zeros(n, np.bool_) if latent is None else np.asarray(latent, np.bool_)
+    if latent.shape != tokens.shape:
+        raise ValueError(f"latent_mask shape {latent.shape} != tokens shape {tokens.shape}{_describe(example)}")
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": mask[1:], "latent_mask": latent[1:]}
 
 
 def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,6 +105,7 @@ def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "inputs": row["inputs"].astype(np.int32, copy=False),
         "targets": row["targets"].astype(np.int32, copy=False),
         "loss_mask": row["loss_mask"].astype(np.bool_, copy=False),
+        "latent_mask": row["latent_mask"].astype(np.bool_, copy=False),
         "segment_ids": row["inputs_segment_ids"].astype(np.int32, copy=False),
         "positions": row["inputs_positions"].astype(np.int32, copy=False),
     }
@@ -123,7 +130,7 @@ def pack_dataset(
     if num_packing_bins <= 0:
         raise ValueError(f"num_packing_bins must be positive, got {num_packing_bins}")
     shifted = ds.map(lambda ex: shift_example(ex, seq_len)).filter(lambda ex: ex is not None)
-    lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len, "latent_mask": seq_len}
     packed = grain.experimental.FirstFitPackIterDataset(
         shifted,
         length_struct=lengths,
@@ -156,7 +163,7 @@ def unpack_row(row: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     out = []
     for s in np.unique(seg[seg > 0]):
         idx = np.nonzero(seg == s)[0]
-        out.append({k: np.asarray(row[k])[idx] for k in ("inputs", "targets", "loss_mask")})
+        out.append({k: np.asarray(row[k])[idx] for k in ("inputs", "targets", "loss_mask", "latent_mask")})
     return out
 
 
@@ -191,5 +198,6 @@ def check_packed_rows(rows: Mapping[str, np.ndarray]) -> None:
     for k in ("inputs", "targets", "positions"):
         if np.any(np.atleast_2d(arrays[k])[pad] != 0):
             raise ValueError(f"{k} must be 0 on padding")
-    if np.any(np.atleast_2d(arrays["loss_mask"])[pad]):
-        raise ValueError("loss_mask must be False on padding")
+    for k in ("loss_mask", "latent_mask"):
+        if np.any(np.atleast_2d(arrays[k])[pad]):
+            raise ValueError(f"{k} must be False on padding")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +38,8 @@ class Encoded:
     tokens: np.ndarray  # int32 [T]
     loss_mask: np.ndarray  # bool [T]
     truncated_turns: int = 0  # messages dropped from the end to fit max_len
+    # Tokens inside the latent state-action prefix of an assistant turn (see `latent_chars`).
+    latent_mask: np.ndarray | None = None
 
 
 def _render(tokenizer, messages, jinja: str) -> str:
@@ -82,7 +85,8 @@ def assistant_char_spans(
 
 
 def encode_dialogue(
-    messages, tokenizer, *, template: str | None = None, max_len: int | None = None
+    messages, tokenizer, *, template: str | None = None, max_len: int | None = None,
+    latent_chars: Callable[[str], int] | None = None,
 ) -> Encoded | None:
     """Tokenize a chat (list of ``{"role", "content"}``) with its assistant-turn loss mask.
 
@@ -91,6 +95,8 @@ def encode_dialogue(
     an over-long dialogue is cut right after the end-of-turn token of the last assistant turn that
     fits, and the dropped messages are counted in `truncated_turns`. Returns None when nothing
     supervised remains (no assistant turn, or the first exchange alone exceeds `max_len`).
+    `latent_chars(content)` gives the length of an assistant content's latent prefix; the tokens
+    overlapping it form `latent_mask` (for latent-prediction accuracy).
     """
     jinja, eot = resolve_template(tokenizer, template)
     text, spans = assistant_char_spans(messages, tokenizer, jinja, eot)
@@ -106,21 +112,25 @@ def encode_dialogue(
     starts = np.minimum(offsets[:, 0], prev_end)
 
     mask = np.zeros(len(tokens), dtype=bool)
+    latent = np.zeros(len(tokens), dtype=bool) if latent_chars is not None else None
     cuts = []  # (number of tokens up to and including this turn's end token, message index)
     for i, s, e in spans:
         mask |= (starts < e) & (ends > s)
+        if latent is not None:
+            n_latent = latent_chars(messages[i]["content"])
+            latent |= (starts < s + n_latent) & (ends > s) & (n_latent > 0)
         n = int(np.searchsorted(ends, e, side="right"))
         if n == 0 or ends[n - 1] != e:
             raise ValueError(f"end-of-turn of message {i} is not a token boundary")
         cuts.append((n, i))
 
     if max_len is None or len(tokens) <= max_len:
-        return Encoded(tokens, mask, 0)
+        return Encoded(tokens, mask, 0, latent)
     fitting = [(n, i) for n, i in cuts if n <= max_len]
     if not fitting:
         return None
     n, i = fitting[-1]
-    return Encoded(tokens[:n], mask[:n], len(messages) - (i + 1))
+    return Encoded(tokens[:n], mask[:n], len(messages) - (i + 1), None if latent is None else latent[:n])
 
 
 @dataclass
@@ -143,6 +153,7 @@ def encode_many(
     max_len: int | None = None,
     *,
     progress: bool = True,
+    latent_chars: Callable[[str], int] | None = None,
 ) -> tuple[list[Encoded], EncodeStats]:
     """Encode many chats; returns the kept encodings (input order) and counts of what was cut."""
     from tqdm.auto import tqdm
@@ -152,7 +163,7 @@ def encode_many(
     for idx, messages in enumerate(bar):
         st.dialogues += 1
         try:
-            enc = encode_dialogue(messages, tokenizer, template=template, max_len=max_len)
+            enc = encode_dialogue(messages, tokenizer, template=template, max_len=max_len, latent_chars=latent_chars)
         except Exception as e:
             raise ValueError(f"dialogue {idx}: {e}") from e
         if enc is None:

@@ -1,0 +1,1 @@
+"""Training: losses, SFT/DPO steps and loops, Orbax checkpointing, preemption handling, metrics."""

@@ -1,0 +1,470 @@
+"""Whole-run checkpoints over Orbax ``CheckpointManager``.
+
+One :class:`Checkpointer` per run directory. Each step directory holds a few Orbax *items*::
+
+    <directory>/<step>/
+        state/       StandardSave: the train-state pytree (params or LoRA params, optimizer
+                     state, step counter, PRNG key ...); every host writes its own shards.
+        meta/        JSON (process 0): format version, step, process count, which leaves
+                     are typed PRNG keys and their implementation.
+        data/        per-process JSON ``process_<i>-of-<n>.json``: the Grain iterator state of
+                     each host (hosts read different shards, so their states differ).
+        config/      JSON (process 0): the resolved run config.
+        tokenizer/   JSON (process 0): ``{"files": {relative name: {"text": ...} | {"base64": ...}}}``,
+                     every file of the tokenizer directory, written back by
+                     :meth:`Checkpointer.restore_tokenizer`.
+
+Saves are asynchronous: ``save`` returns once device arrays have been copied to host memory
+(so the next step may donate its buffers) and the write and the atomic rename of
+``<step>.orbax-checkpoint-tmp-*`` to ``<step>`` happen in a background thread. ``wait()``
+blocks until pending saves are committed; ``close()`` waits and releases the manager.
+A step directory that was never finalised (a crash mid-save) is not a checkpoint: it is
+ignored by ``latest_step``/``restore`` and removed when a writable Checkpointer opens the
+directory.
+
+Every host must call ``save``/``restore`` with the same step (they are collectives); the
+schedule (:meth:`Checkpointer.should_save`) is a pure function of the step, so every host
+decides the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE, META, DATA, CONFIG, TOKENIZER = "state", "meta", "data", "config", "tokenizer"
+
+
+# --------------------------------------------------------------------------------------------
+# per-process JSON item (the data iterator state differs per host)
+# --------------------------------------------------------------------------------------------
+
+
+class PerProcessJsonHandler(ocp.handlers.JsonCheckpointHandler):
+    """A JSON item where every process writes and reads its own ``process_<i>-of-<n>.json``.
+
+    Built on Orbax's ``JsonCheckpointHandler`` (so it shares its async commit path, which waits
+    for the item directory to exist); only the file name and ``primary_host=None`` (every host
+    writes) differ. The handler is constructed by Orbax with no arguments, after
+    ``jax.distributed`` is initialised, so the process index is read here.
+    """
+
+    def __init__(self):
+        super().__init__(
+            filename=per_process_filename(jax.process_index(), jax.process_count()),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None),
+        )
+
+
+def per_process_filename(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class PerProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class PerProcessJsonRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+    """What :meth:`Checkpointer.restore` gives back."""
+
+    step: int
+    state: Any
+    data_state: dict | None = None
+    config: dict | None = None
+    meta: dict | None = None
+
+
+def _frozen_json(obj: Any, what: str) -> Any:
+    """A deep copy through JSON: validates now (in the caller's thread, with a clear error) and
+    decouples the saved value from later mutation (Orbax serialises JSON items in the
+    background commit thread, after ``save`` has returned)."""
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint {what} must be JSON-serialisable: {e}") from e
+
+
+def _is_prng_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def _key_impl_name(key: jax.Array) -> str:
+    impl = jax.random.key_impl(key)
+    return impl if isinstance(impl, str) else getattr(impl, "name", str(impl))
+
+
+def _wrap_key(data: jax.Array, impl_name: str | None, key_dtype: Any) -> jax.Array:
+    """Typed key from its saved ``uint32`` data: the implementation recorded at save time, else
+    the one of the requested key dtype (private attribute; jax has no public accessor for it)."""
+    if impl_name:
+        try:
+            return jax.random.wrap_key_data(data, impl=impl_name)
+        except (TypeError, ValueError, KeyError):
+            pass
+    impl = getattr(key_dtype, "_impl", None)
+    return jax.random.wrap_key_data(data, impl=impl) if impl is not None else jax.random.wrap_key_data(data)
+
+
+def _abstract_leaf(x: Any) -> Any:
+    """``jax.Array`` -> ``ShapeDtypeStruct`` with its sharding; anything else unchanged."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+def _key_data_sharding(sharding: Any, data_ndim: int) -> Any:
+    """Sharding for the ``uint32`` data of a typed key array with the given ``sharding``."""
+    if sharding is None:
+        return None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)
+        spec = spec + (None,) * (data_ndim - len(spec))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    # Anything else: restore the (tiny) key data replicated on the same devices, then place it.
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("_keys",)), jax.sharding.PartitionSpec())
+
+
+def read_dir_files(directory: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Every regular file under ``directory`` as ``{relative posix path: {"text"|"base64": ...}}``."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {root} does not exist")
+    files: dict[str, dict[str, str]] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        raw = p.read_bytes()
+        rel = p.relative_to(root).as_posix()
+        try:
+            files[rel] = {"text": raw.decode("utf-8")}
+        except UnicodeDecodeError:
+            files[rel] = {"base64": base64.b64encode(raw).decode("ascii")}
+    return files
+
+
+def write_dir_files(files: Mapping[str, Mapping[str, str]], out_dir: str | os.PathLike) -> Path:
+    """Inverse of :func:`read_dir_files`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        target = (out / rel).resolve()
+        if out.resolve() not in target.parents:
+            raise ValueError(f"refusing to write {rel!r} outside {out}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if "text" in content:
+            target.write_bytes(content["text"].encode("utf-8"))
+        else:
+            target.write_bytes(base64.b64decode(content["base64"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the checkpointer
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Async, keep-N, save-every-N checkpoints of a whole training run.
+
+    Args:
+      directory: the run's checkpoint root (local path or anything ``etils.epath`` opens).
+      save_every: :meth:`should_save` is true every ``save_every`` steps (``0``: never; save the
+        end of the run and preemptions with ``force=True``).
+      keep: how many of the most recent checkpoints to keep (``None``: all).
+      async_save: write in a background thread (``False``: ``save`` returns when committed).
+      read_only: open an existing directory for restores only (tools such as export or chat on
+        a directory a trainer may be writing to: never deletes anything).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every: int,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        if save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {save_every}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        self.directory = epath.Path(directory)
+        self.save_every = int(save_every)
+        self.keep = keep
+        self.async_save = bool(async_save)
+        self.read_only = bool(read_only)
+        self._tokenizer_cache: tuple[Any, dict] | None = None
+        self._closed = False
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=self.async_save,
+            read_only=self.read_only,
+            create=not self.read_only,
+            # Leftovers of a save that crashed before its atomic rename; never touch them when
+            # only reading (a live trainer may be writing one right now).
+            cleanup_tmp_directories=not self.read_only,
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Finalised checkpoint steps, ascending."""
+        if self.read_only:
+            self._mngr.reload()
+        return sorted(int(s) for s in self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finalised checkpoint step, or ``None`` when there is none."""
+        if self.read_only:
+            self._mngr.reload()
+        return self._mngr.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether the regular schedule saves at ``step`` (``step % save_every == 0``, ``step > 0``,
+        not already saved). A pure function of the step: every host agrees."""
+        if self.read_only or self.save_every <= 0 or step <= 0 or step % self.save_every:
+            return False
+        latest = self._mngr.latest_step()
+        return latest is None or step > latest
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(int(step))
+
+    # ---- save ----------------------------------------------------------------------------
+
+    def _tokenizer_files(self, tokenizer_dir: str | os.PathLike) -> dict:
+        root = Path(tokenizer_dir)
+        stamp = (str(root.resolve()),
+                 tuple((p.relative_to(root).as_posix(), p.stat().st_mtime_ns, p.stat().st_size)
+                       for p in sorted(root.rglob("*")) if p.is_file()))
+        if self._tokenizer_cache is None or self._tokenizer_cache[0] != stamp:
+            self._tokenizer_cache = (stamp, {"files": read_dir_files(root)})
+        return self._tokenizer_cache[1]
+
+    def save(
+        self,
+        step: int,
+        *,
+        state: Any,
+        data_state: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        tokenizer_dir: str | os.PathLike | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save ``step`` if the schedule says so (or ``force``); returns whether a save started.
+
+        Call on every host with the same arguments except ``data_state`` (each host's own).
+        A step that is already saved is never overwritten (returns ``False``). With
+        ``async_save`` this returns once arrays are on the host; call :meth:`wait` to block
+        until the checkpoint is committed (before exiting, e.g. on preemption). Orbax first
+        waits for the previous save to commit, so saving more often than a save takes blocks.
+        """
+        step = int(step)
+        if self.read_only:
+            raise RuntimeError(f"Checkpointer on {self.directory} is read-only")
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._mngr.all_steps():
+            log.info("checkpoint for step %d already exists; not saving again", step)
+            return False
+
+        key_impls: dict[str, str] = {}
+
+        def to_saveable(path, x):
+            if _is_prng_key(x):
+                key_impls[jax.tree_util.keystr(path)] = _key_impl_name(x)
+                return jax.random.key_data(x)
+            return x
+
+        saveable = jax.tree_util.tree_map_with_path(to_saveable, state)
+        items: dict[str, Any] = {STATE: ocp.args.StandardSave(saveable)}
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "process_count": jax.process_count(),
+            "prng_keys": key_impls,
+            "items": [STATE, META],
+            "saved_at": time.time(),
+        }
+        if data_state is not None:
+            items[DATA] = PerProcessJsonSave(_frozen_json(dict(data_state), "data_state"))
+            meta["items"].append(DATA)
+        if config is not None:
+            items[CONFIG] = ocp.args.JsonSave(_frozen_json(dict(config), "config"))
+            meta["items"].append(CONFIG)
+        if tokenizer_dir is not None:
+            items[TOKENIZER] = ocp.args.JsonSave(self._tokenizer_files(tokenizer_dir))
+            meta["items"].append(TOKENIZER)
+        items[META] = ocp.args.JsonSave(meta)
+
+        t0 = time.perf_counter()
+        saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        log.info("checkpoint step %d %s in %.3fs (blocking part)", step,
+                 "started" if self.async_save else "written", time.perf_counter() - t0)
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Block until every pending save is committed (and old steps are pruned)."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._mngr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- restore -------------------------------------------------------------------------
+
+    def _resolve_step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no finalised checkpoint in {self.directory}")
+        elif int(step) not in self.all_steps():
+            raise FileNotFoundError(f"no finalised checkpoint for step {step} in {self.directory}")
+        return int(step)
+
+    def _has_item(self, step: int, item: str) -> bool:
+        return (self.step_dir(step) / item).exists()
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self._resolve_step(step)
+        return dict(self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+
+    def restore(
+        self,
+        abstract_state: Any,
+        step: int | None = None,
+        *,
+        data: bool = True,
+        config: bool = True,
+    ) -> Restored:
+        """Restore ``step`` (default: the latest) into the structure of ``abstract_state``.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` (concrete
+        ``jax.Array`` leaves are also accepted and only their shape/dtype/sharding used); each
+        array is read straight into its sharding, which may differ from the saved one (resharding
+        on restore). Typed PRNG key leaves (``jax.random.key`` dtype) come back as typed keys.
+        Call on every host; each gets its own ``data_state``.
+        """
+        step = self._resolve_step(step)
+        abstract = jax.tree.map(_abstract_leaf, abstract_state)
+        leaves, treedef = jax.tree_util.tree_flatten(abstract)
+        key_info: dict[int, Any] = {}
+        target_leaves = []
+        for i, leaf in enumerate(leaves):
+            if _is_prng_key(leaf):
+                data_shape = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+                target_leaves.append(jax.ShapeDtypeStruct(
+                    data_shape.shape, data_shape.dtype,
+                    sharding=_key_data_sharding(getattr(leaf, "sharding", None), len(data_shape.shape))))
+                key_info[i] = leaf
+            else:
+                target_leaves.append(leaf)
+        target = treedef.unflatten(target_leaves)
+
+        items: dict[str, Any] = {STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}
+        want_data = data and self._has_item(step, DATA)
+        want_config = config and self._has_item(step, CONFIG)
+        if want_data:
+            fname = per_process_filename(jax.process_index(), jax.process_count())
+            if not (self.step_dir(step) / DATA / fname).exists():
+                found = sorted(p.name for p in (self.step_dir(step) / DATA).iterdir())
+                raise FileNotFoundError(
+                    f"checkpoint step {step} has no data-iterator state {fname} for this host "
+                    f"(found {found}); the process count changed? Restore with data=False to "
+                    f"restart the data pipeline instead.")
+            items[DATA] = PerProcessJsonRestore()
+        if want_config:
+            items[CONFIG] = ocp.args.JsonRestore()
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+
+        meta = dict(out[META])
+        impls = meta.get("prng_keys", {})
+        restored_leaves = treedef.flatten_up_to(out[STATE])
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+        for i, leaf in key_info.items():
+            key = _wrap_key(restored_leaves[i], impls.get(paths[i]), leaf.dtype)
+            want = getattr(leaf, "sharding", None)
+            if want is not None and key.sharding != want:
+                key = jax.device_put(key, want)
+            restored_leaves[i] = key
+        return Restored(
+            step=step,
+            state=treedef.unflatten(restored_leaves),
+            data_state=dict(out[DATA]) if want_data else None,
+            config=dict(out[CONFIG]) if want_config else None,
+            meta=meta,
+        )
+
+    def restore_config(self, step: int | None = None) -> dict | None:
+        """The run config saved with ``step`` (default latest), or ``None`` if none was saved."""
+        step = self._resolve_step(step)
+        if not self._has_item(step, CONFIG):
+            return None
+        return dict(self._mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
+
+    def tokenizer_files(self, step: int | None = None) -> dict[str, dict[str, str]] | None:
+        """The tokenizer files saved with ``step`` (see :func:`read_dir_files`), or ``None``."""
+        step = self._resolve_step(step)
+        if not self._has_item(step, TOKENIZER):
+            return None
+        out = self._mngr.restore(step, args=ocp.args.Composite(**{TOKENIZER: ocp.args.JsonRestore()}))
+        return dict(out[TOKENIZER]["files"])
+
+    def restore_tokenizer(self, step: int | None, out_dir: str | os.PathLike) -> Path:
+        """Write the tokenizer files saved with ``step`` (``None``: latest) into ``out_dir``."""
+        files = self.tokenizer_files(step)
+        if files is None:
+            raise FileNotFoundError(f"checkpoint step {step} in {self.directory} has no tokenizer")
+        return write_dir_files(files, out_dir)
+
+
+def abstract_like(tree: Any) -> Any:
+    """A pytree of ``ShapeDtypeStruct`` (with shardings) mirroring ``tree``'s ``jax.Array`` leaves."""
+    return jax.tree.map(_abstract_leaf, tree)

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", default=None, help="cache root (default: $SAGE_JAX_CACHE or ~/.cache/sage_jax)")
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
     fetch.set_defaults(func=_models_fetch)
+
+    from sage_jax.data.cli import register as register_data
+    from sage_jax.train.cli import register as register_train
+
+    register_data(sub)
+    register_train(sub)
     return parser
 
 

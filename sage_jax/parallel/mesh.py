@@ -23,6 +23,7 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     expert: int = 1
+    num_devices: int | None = None  # use the first N devices (None: all of them)
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
         dims = [self.data, self.fsdp, self.tensor, self.expert]
@@ -46,6 +47,10 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     coordinates are neighbouring chips (fast `tensor` collectives).
     """
     devices = list(devices if devices is not None else jax.devices())
+    if cfg.num_devices is not None:
+        if not 0 < cfg.num_devices <= len(devices):
+            raise ValueError(f"MeshConfig.num_devices={cfg.num_devices}: have {len(devices)} devices")
+        devices = devices[: cfg.num_devices]
     shape = cfg.shape(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

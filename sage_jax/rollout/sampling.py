@@ -1,0 +1,211 @@
+"""Sampling parameters and logit processors (pure functions over [B, V] logits).
+
+Semantics follow Hugging Face `transformers` (the test oracle), in HF's order:
+repetition penalty -> temperature -> top-k -> top-p -> sample (or argmax when greedy).
+
+- Repetition penalty (`RepetitionPenaltyLogitsProcessor`): over every token present in the prompt
+  or generated so far, positive logits are divided by the penalty and negative ones multiplied.
+  Presence is a [B, V] bool mask updated by a scatter (never a [B, T, V] one-hot).
+- Temperature: logits / temperature (temperature 0 means greedy).
+- Top-k: keep the k largest logits. Where several logits tie at the k-th value HF keeps all of
+  them; we keep exactly k (ties of float32 logits are measure-zero for real models).
+- Top-p (nucleus): sorted by probability, keep the smallest prefix whose mass reaches top_p (the
+  top token always kept). HF's rule "remove tokens whose ascending cumulative mass <= 1 - top_p"
+  is the same set as "keep tokens whose descending exclusive cumulative mass < top_p".
+  With top-k on, top-p runs on the k survivors only (what HF computes, since the others are -inf),
+  which avoids sorting the vocabulary; without top-k it sorts the full row.
+
+Per-row values (temperature, top_p, penalty) are arrays so rows of one batch may differ; which
+processors run at all (`Processing`) is static, part of the jit cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature=0` is greedy decoding (argmax after the penalty).
+
+    stop_token_ids: None means the model's `eos_token_id`; () means never stop on a token.
+    stop_strings: checked on the host after the loop (see `rollout.generate`): the text and tokens
+      are cut at the first occurrence; the device loop does not stop early for them.
+    min_new_tokens: stop tokens are masked out (logit -inf) until a row has this many tokens, as
+      HF's `MinNewTokensLengthLogitsProcessor` does (used by benchmarks to force equal lengths).
+    logprobs: also return the log-probability of each chosen token under the *unprocessed* model
+      distribution (log_softmax of the raw logits: what RL / DPO scoring needs).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 0 or self.min_new_tokens < 0:
+            raise ValueError("SamplingParams.max_new_tokens and min_new_tokens must be >= 0")
+        if isinstance(self.stop_strings, str):
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def paper(cls, **overrides) -> "SamplingParams":
+        """The SAGE paper's decoding defaults."""
+        fields = dict(temperature=0.95, top_k=50, top_p=0.7, repetition_penalty=1.1, max_new_tokens=512)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def greedy_params(cls, max_new_tokens: int = 64, **overrides) -> "SamplingParams":
+        return cls(temperature=0.0, max_new_tokens=max_new_tokens, **overrides)
+
+    def replace(self, **kw) -> "SamplingParams":
+        return dataclasses.replace(self, **kw)
+
+
+class Processing(NamedTuple):
+    """The static shape of the processing pipeline (a jit cache key)."""
+
+    greedy: bool
+    top_k: int  # 0 = off
+    top_p: bool
+    repetition_penalty: bool
+    min_new_tokens: bool
+    logprobs: bool
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams] | SamplingParams, vocab_size: int) -> "Processing":
+        ps = [params] if isinstance(params, SamplingParams) else list(params)
+        greedy = {p.greedy for p in ps}
+        if len(greedy) > 1:
+            raise ValueError("one batch cannot mix greedy and sampled rows")
+        top_ks = {p.top_k for p in ps}
+        if len(top_ks) > 1:
+            raise ValueError("one batch must share top_k (it is a static shape)")
+        g = greedy.pop()
+        k = min(top_ks.pop(), vocab_size)
+        return cls(
+            greedy=g,
+            top_k=0 if g else k,
+            top_p=(not g) and any(p.top_p < 1.0 for p in ps),
+            repetition_penalty=any(p.repetition_penalty != 1.0 for p in ps),
+            min_new_tokens=any(p.min_new_tokens > 0 for p in ps),
+            logprobs=any(p.logprobs for p in ps),
+        )
+
+
+def apply_repetition_penalty(logits: jax.Array, presence: jax.Array, penalty: jax.Array) -> jax.Array:
+    """HF `RepetitionPenaltyLogitsProcessor` with a [B, V] presence mask; penalty [B] or scalar."""
+    penalty = jnp.asarray(penalty, logits.dtype)
+    if penalty.ndim == 1:
+        penalty = penalty[:, None]
+    # A full [B, V] divisor (1 where absent), not a broadcast scalar: XLA rewrites x / broadcast(p)
+    # as x * (1 / p), which is off by an ulp from HF's true division.
+    factor = jnp.where(presence, penalty, jnp.ones((), logits.dtype))
+    return jnp.where(logits < 0, logits * factor, logits / factor)
+
+
+def update_presence(presence: jax.Array, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """presence [B, V] |= tokens [B] or [B, T] (entries with valid == False are ignored)."""
+    if tokens.ndim == 1:
+        tokens = tokens[:, None]
+        valid = None if valid is None else valid[:, None]
+    v = presence.shape[1]
+    if valid is not None:
+        tokens = jnp.where(valid, tokens, v)  # out of range: dropped by the scatter
+    rows = jnp.broadcast_to(jnp.arange(presence.shape[0])[:, None], tokens.shape)
+    return presence.at[rows, tokens].set(True, mode="drop")
+
+
+def top_p_keep_sorted(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep mask over logits sorted in descending order ([B, n]) for nucleus mass top_p ([B])."""
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    exclusive = jnp.cumsum(probs, axis=-1) - probs
+    keep = exclusive < jnp.asarray(top_p, jnp.float32).reshape(-1, 1)
+    return keep.at[:, 0].set(True)
+
+
+def process_logits(
+    proc: Processing,
+    logits: jax.Array,
+    *,
+    presence: jax.Array | None = None,
+    penalty: jax.Array | None = None,
+    temperature: jax.Array | None = None,
+    top_p: jax.Array | None = None,
+    stop_mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Processed logits [B, n] and, when top-k is on, the vocabulary ids [B, n] they stand for
+    (n = k); otherwise n = V and ids is None. Removed entries are -inf.
+
+    stop_mask [B, V] bool: entries forced to -inf (min_new_tokens) before anything else.
+    """
+    logits = logits.astype(jnp.float32)
+    if stop_mask is not None:
+        logits = jnp.where(stop_mask, NEG_INF, logits)
+    if proc.repetition_penalty:
+        logits = apply_repetition_penalty(logits, presence, penalty)
+    if proc.greedy:
+        return logits, None
+    logits = logits / jnp.asarray(temperature, jnp.float32).reshape(-1, 1)
+    ids = None
+    if proc.top_k:
+        logits, ids = jax.lax.top_k(logits, proc.top_k)  # descending
+        if proc.top_p:
+            logits = jnp.where(top_p_keep_sorted(logits, top_p), logits, NEG_INF)
+    elif proc.top_p:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        keep_sorted = top_p_keep_sorted(sorted_logits, top_p)
+        rows = jnp.arange(logits.shape[0])[:, None]
+        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)
+        logits = jnp.where(keep, logits, NEG_INF)
+    return logits, ids
+
+
+def choose(proc: Processing, processed: jax.Array, ids: jax.Array | None, keys: jax.Array) -> jax.Array:
+    """One token per row [B] from processed logits; keys [B] (one PRNG key per row)."""
+    if proc.greedy:
+        choice = jnp.argmax(processed, axis=-1)
+    else:
+        choice = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, processed)
+    if ids is not None:
+        choice = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(jnp.int32)
+
+
+def processed_probs(proc: Processing, logits: jax.Array, **kw) -> jax.Array:
+    """The exact distribution [B, V] that `choose` samples from (for tests and scoring)."""
+    processed, ids = process_logits(proc, logits, **kw)
+    if proc.greedy:
+        return jax.nn.one_hot(jnp.argmax(processed, -1), logits.shape[-1])
+    probs = jax.nn.softmax(processed, axis=-1)
+    if ids is None:
+        return probs
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, jnp.float32).at[rows, ids].add(probs)

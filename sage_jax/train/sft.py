@@ -1,0 +1,206 @@
+"""Supervised fine-tuning on State-Action Chain data (the paper's model m1 and later rounds).
+
+    sage-jax sft --config sft.yaml train_files=[data/train.jsonl] output_dir=runs/m1
+
+Data: SAC JSONL -> chat messages (latents rendered into assistant turns) -> the chat template with
+an exact assistant-only loss mask -> packed rows (Grain, sharded per host, resumable). Defaults are
+the paper's recipe: LoRA r=8, alpha=16 on q_proj/v_proj, AdamW lr 5e-5 cosine, 3 epochs, global
+batch 256, max length 2048, 1% held out for validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sage_jax import parallel
+from sage_jax.config import to_dict
+from sage_jax.data.packing import pack_examples
+from sage_jax.data.pipeline import DataConfig, make_iterator
+from sage_jax.data.tokenize import encode_many
+from sage_jax.model import init_lora, num_params
+from sage_jax.model.lora import LoraConfig
+from sage_jax.train import steps
+from sage_jax.train.trainer import ModelSpec, load_model_and_tokenizer, to_global, train_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    model: ModelSpec = ModelSpec()
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()  # empty: hold out eval_fraction of the training dialogues
+    eval_fraction: float = 0.01
+    template: str | None = None  # None: the model's own chat template; or "mistral", "llama3", "chatml"
+    output_dir: str = "runs/sft"
+    seq_len: int = 2048
+    batch_size: int = 256  # global packed rows per optimizer step (all hosts, all micro-batches)
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs
+    optim: steps.OptimConfig = steps.OptimConfig()
+    lora: LoraConfig | None = LoraConfig()  # null: full fine-tuning
+    mesh: parallel.MeshConfig = parallel.MeshConfig()
+    eval_every: int = 100
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 1
+    seed: int = 0
+    vocab_chunk: int = 8192
+    tensorboard: bool = True
+    strict_data: bool = False  # stop at the first malformed record instead of skipping it
+
+
+def latent_chars(content: str) -> int:
+    """Characters of an assistant content's latent prefix (0 if it has none)."""
+    from sage_jax.sac import strip_latents
+
+    reply = strip_latents(content)
+    if reply == content:
+        return 0
+    return len(content[: len(content) - len(reply)].rstrip())
+
+
+def read_dialogues(files, strict: bool):
+    from sage_jax.data.jsonl import read_sac
+
+    out = []
+    for f in files:
+        dialogues, report = read_sac(f, strict=strict)
+        if report.skipped:
+            shown = "; ".join(str(e) for e in report.errors[:3])
+            print(f"{f}: skipped {report.skipped} malformed record(s): {shown}", file=sys.stderr)
+        out.extend(dialogues)
+    return out
+
+
+def encode_dialogues(dialogues, tokenizer, template, seq_len: int, latent_tokens: bool, desc: str):
+    from sage_jax.sac import DEFAULT_SCHEMA, to_messages
+
+    messages = [to_messages(d, DEFAULT_SCHEMA, special_tokens=latent_tokens) for d in dialogues]
+    examples, stats = encode_many(messages, tokenizer, template, max_len=seq_len + 1, latent_chars=latent_chars)
+    print(f"{desc}: {stats.kept}/{stats.dialogues} dialogues, {stats.tokens} tokens "
+          f"({stats.supervised_tokens} supervised); truncated {stats.truncated} (turns dropped "
+          f"{stats.turns_dropped}), dropped too long {stats.dropped_too_long}, "
+          f"no assistant turn {stats.dropped_no_assistant}", file=sys.stderr)
+    return examples
+
+
+def split_eval(dialogues, fraction: float, seed: int):
+    idx = list(range(len(dialogues)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(round(len(idx) * fraction))) if fraction > 0 and len(idx) > 1 else 0
+    held = set(idx[:n_eval])
+    return [d for i, d in enumerate(dialogues) if i not in held], [d for i, d in enumerate(dialogues) if i in held]
+
+
+def make_evaluator(spec: steps.StepSpec, frozen, rows: list[dict], batch_rows: int, mesh):
+    """Teacher-forced loss, token accuracy and latent-token accuracy over packed eval rows."""
+    if not rows:
+        return None
+    fn = jax.jit(lambda trainable, fz, b: steps.eval_step(spec, trainable, fz, b))
+    batches = []
+    for i in range(0, len(rows), batch_rows):
+        chunk = rows[i: i + batch_rows]
+        chunk += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_rows - len(chunk))
+        batches.append({k: np.stack([r[k] for r in chunk]) for k in rows[0]})
+
+    def evaluate(state) -> dict:
+        tot: dict[str, float] = {}
+        for b in batches:
+            out = jax.device_get(fn(state["params"], frozen, b))
+            for k, v in out.items():
+                tot[k] = tot.get(k, 0.0) + float(v)
+        res = {"loss": tot["nll"] / max(tot["tokens"], 1), "accuracy": tot["hits"] / max(tot["tokens"], 1)}
+        if tot.get("latent_tokens"):
+            res["latent_accuracy"] = tot["latent_hits"] / tot["latent_tokens"]
+        return res
+
+    return evaluate
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train; returns a summary (steps, first/last eval, output paths)."""
+    from sage_jax.sac import DEFAULT_SCHEMA
+
+    if not cfg.train_files:
+        raise ValueError("sft: train_files is empty (give SAC JSONL files: train_files=[a.jsonl,b.jsonl])")
+    parallel.initialize_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh(cfg.mesh)
+    model_cfg, params, tokenizer = load_model_and_tokenizer(cfg.model, DEFAULT_SCHEMA.special_tokens())
+    tokenizer_dir = out / "tokenizer"
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(tokenizer_dir)
+
+    train_d = read_dialogues(cfg.train_files, cfg.strict_data)
+    if cfg.eval_files:
+        eval_d = read_dialogues(cfg.eval_files, cfg.strict_data)
+    else:
+        train_d, eval_d = split_eval(train_d, cfg.eval_fraction, cfg.seed)
+    train_ex = encode_dialogues(train_d, tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens, "train")
+    eval_ex = encode_dialogues(eval_d, tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens, "eval")
+    if not train_ex:
+        raise ValueError("sft: no training examples left after tokenization")
+
+    accum = cfg.optim.grad_accum_steps
+    hosts = jax.process_count()
+    if cfg.batch_size % (hosts * accum):
+        raise ValueError(f"sft: batch_size={cfg.batch_size} must be divisible by hosts*grad_accum_steps={hosts * accum}")
+    host_rows = cfg.batch_size // hosts
+    rows_per_epoch = len(pack_examples(train_ex, cfg.seq_len, num_packing_bins=max(host_rows, 1)))
+    steps_per_epoch = max(1, rows_per_epoch // cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
+    tx = steps.make_optimizer(cfg.optim, total)
+    frozen, f_shard = (None, None)
+    if cfg.lora is None:
+        trainable = params
+    else:
+        trainable = init_lora(model_cfg, cfg.lora, jax.random.key(cfg.seed))
+        frozen, f_shard = steps.shard_frozen(spec, params, mesh)
+    s_shard = steps.state_shardings(spec, tx, trainable, mesh)
+    state = jax.jit(lambda t: steps.init_state(t, tx, jax.random.key(cfg.seed + 1)), out_shardings=s_shard)(trainable)
+
+    data_cfg = DataConfig(seq_len=cfg.seq_len, batch_size=host_rows, seed=cfg.seed, num_epochs=None)
+    batches = make_iterator(train_ex, data_cfg)
+    micro = host_rows // accum
+    example = {k: np.zeros((accum, micro * hosts, cfg.seq_len), v) for k, v in
+               (("inputs", np.int32), ("targets", np.int32), ("loss_mask", bool), ("segment_ids", np.int32),
+                ("positions", np.int32))}
+    b_shard = steps.batch_shardings(example, mesh)
+    step_fn = steps.compile_step(steps.sft_train_step, spec, tx, state_sharding=s_shard, frozen_sharding=f_shard,
+                                 batch_sharding=b_shard)
+
+    def to_device(b: dict) -> dict:
+        b = {k: np.asarray(b[k]).reshape((accum, micro) + np.shape(b[k])[1:]) for k in example}
+        return to_global(b, b_shard)
+
+    eval_rows = pack_examples(eval_ex, cfg.seq_len, num_packing_bins=8) if eval_ex else []
+    evaluate = make_evaluator(spec, frozen, eval_rows, max(1, micro), mesh)
+    run_config = {"kind": "sft", "run": to_dict(cfg), "model": dataclasses.asdict(model_cfg),
+                  "base_model": str(cfg.model.path)}
+    n_params = num_params(params)
+    flops = 6 * n_params  # per trained token (forward + backward), attention ignored
+    print(f"sft: {len(train_ex)} train / {len(eval_ex)} eval dialogues, {rows_per_epoch} rows/epoch, "
+          f"{total} steps of {cfg.batch_size} rows x {cfg.seq_len} tokens, {n_params / 1e6:.1f}M params, "
+          f"mesh {dict(mesh.shape)}", file=sys.stderr)
+    state, result = train_loop(
+        output_dir=out, state=state, frozen=frozen, step_fn=step_fn, batches=batches, to_device=to_device,
+        total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every, save_every=cfg.save_every, keep=cfg.keep,
+        run_config=run_config, tokenizer_dir=str(tokenizer_dir), tensorboard=cfg.tensorboard,
+        tokens_in=lambda b: int(np.count_nonzero(b["segment_ids"])), flops_per_token=flops, log_every=cfg.log_every)
+    summary = {"steps": result.step, "preempted": result.preempted, "evals": result.evals,
+               "checkpoints": str(out / "checkpoints"), "metrics": str(out / "logs" / "metrics.jsonl")}
+    if result.evals:
+        first, last = result.evals[0], result.evals[-1]
+        print(f"sft: eval loss {first['loss']:.4f} -> {last['loss']:.4f}; latent-token accuracy "
+              f"{first.get('latent_accuracy', float('nan')):.4f} -> {last.get('latent_accuracy', float('nan')):.4f}",
+              file=sys.stderr)
+    return summary

@@ -25,3 +25,20 @@ def smollm2_hf(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template."""
+    import torch
+    import transformers
+
+    out = tmp_path_factory.mktemp("tiny")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    c = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.5)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(c).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

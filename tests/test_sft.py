@@ -18,20 +18,6 @@ from sage_jax.train.sft import SFTConfig, run_sft
 from sage_jax.train.trainer import ModelSpec, load_trained
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama with SmolLM2's real tokenizer and chat template."""
-    out = tmp_path_factory.mktemp("tiny")
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    c = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.5)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(c).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def overrides(tiny_dir, out, steps=8, extra=()):
     return [f"model.path={tiny_dir}", f"train_files=[{sample_path('ed_train_200.jsonl')}]", f"output_dir={out}",
             "seq_len=128", "batch_size=4", f"max_steps={steps}", "eval_every=0", "save_every=2",

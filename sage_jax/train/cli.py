@@ -23,6 +23,7 @@ def register(sub) -> None:
                                    "train_files=[data.jsonl] max_steps=100 lora.rank=16 lora=null")
     add_config_args(p)
     p.set_defaults(func=_sft)
+    register_dpo(sub)
     register_export(sub)
 
 
@@ -45,3 +46,22 @@ def register_export(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="HF directory to write")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=_export)
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    from sage_jax.config import config_from_args
+    from sage_jax.train.dpo import DPORunConfig, run_dpo
+
+    summary = run_dpo(config_from_args(DPORunConfig, args))
+    print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=2))
+    return 0
+
+
+def register_dpo(sub) -> None:
+    from sage_jax.config import add_config_args
+
+    p = sub.add_parser("dpo", help="DPO (+ftx SFT term) on preference pairs (LoRA by default)",
+                       description="Fields of DPORunConfig (sage_jax/train/dpo.py) as key=value, e.g. "
+                                   "train_files=[pairs.jsonl] model.path=runs/m3_hf dpo.beta=0.1")
+    add_config_args(p)
+    p.set_defaults(func=_dpo)

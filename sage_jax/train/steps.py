@@ -171,6 +171,15 @@ def _concat_pairs(batch: dict) -> dict:
     return {k: jnp.concatenate([batch["chosen"][k], batch["rejected"][k]], axis=0) for k in batch["chosen"]}
 
 
+def dpo_pair_loss(spec: StepSpec, dpo: DPOConfig, trainable, frozen, pairs: dict, rng=None):
+    """DPO loss and metrics for one batch of pairs ({"chosen", "rejected": [B,T] rows, "ref_*": [B]})."""
+    b = pairs["ref_chosen"].shape[0]
+    both = _concat_pairs(pairs)
+    st = forward_stats(spec, trainable, frozen, both, rng)
+    logps, counts = sequence_logps(st.logp, both["loss_mask"])
+    return dpo_loss(dpo, logps[:b], logps[b:], pairs["ref_chosen"], pairs["ref_rejected"], counts[:b])
+
+
 def dpo_train_step(spec: StepSpec, dpo: DPOConfig, tx: optax.GradientTransformation, state: dict, frozen,
                    batch: dict):
     """One DPO step over [A, B, ...] micro-batches of pairs with cached reference log-probs.
@@ -178,7 +187,7 @@ def dpo_train_step(spec: StepSpec, dpo: DPOConfig, tx: optax.GradientTransformat
     batch = {"chosen": {...[A,B,T]}, "rejected": {...}, "ref_chosen": [A,B], "ref_rejected": [A,B]}.
     Pair losses are averaged over all A*B pairs.
     """
-    a, b = batch["ref_chosen"].shape
+    a = batch["ref_chosen"].shape[0]
 
     def micro(carry, xs):
         grads_sum, metric_sum = carry
@@ -186,14 +195,10 @@ def dpo_train_step(spec: StepSpec, dpo: DPOConfig, tx: optax.GradientTransformat
 
         def loss_fn(trainable):
             rng = None if spec.lora is None or spec.lora.dropout == 0 else jax.random.fold_in(state["rng"], i)
-            both = _concat_pairs(mb)
-            st = forward_stats(spec, trainable, frozen, both, rng)
-            logps, counts = sequence_logps(st.logp, both["loss_mask"])
-            loss, metrics = dpo_loss(dpo, logps[:b], logps[b:], mb["ref_chosen"], mb["ref_rejected"], counts[:b])
-            return loss / a, metrics
+            loss, metrics = dpo_pair_loss(spec, dpo, trainable, frozen, mb, rng)
+            return loss / a, {"loss": loss, **metrics}
 
-        (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        metrics = {"loss": loss * a, **metrics}
+        (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grads_sum = jax.tree.map(jnp.add, grads_sum, g)
         metric_sum = jax.tree.map(lambda s, m: s + m / a, metric_sum, metrics)
         return (grads_sum, metric_sum), None

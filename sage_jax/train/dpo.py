@@ -1,0 +1,238 @@
+"""DPO on the tree search's preference pairs (the paper's last stage), with an SFT term ("ftx").
+
+    sage-jax dpo train_files=[runs/search/pairs.jsonl] model.path=runs/m3_hf output_dir=runs/dpo
+
+Chosen and rejected run in one forward; reference log-probs come from the frozen starting model
+(the LoRA base, or the initial weights for full fine-tuning), computed once before training and
+cached in output_dir. Defaults: sigmoid loss, beta 0.1, ftx 1.0, LoRA q/v r=8, lr 1e-5 cosine
+with 20 warmup steps, 3 epochs, batch 8 pairs per device (paper), max length 4096.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+
+from sage_jax import parallel
+from sage_jax.config import to_dict
+from sage_jax.data.pairs import PreferencePair, last_turn_only, read_pairs
+from sage_jax.data.tokenize import encode_dialogue
+from sage_jax.model import init_lora, num_params
+from sage_jax.model.lora import LoraConfig
+from sage_jax.train import steps
+from sage_jax.train.losses import DPOConfig
+from sage_jax.train.sft import split_eval
+from sage_jax.train.trainer import ModelSpec, load_model_and_tokenizer, to_global, train_loop
+
+ROW = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPORunConfig:
+    model: ModelSpec = ModelSpec()
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    eval_fraction: float = 0.01
+    template: str | None = None
+    output_dir: str = "runs/dpo"
+    seq_len: int = 4096
+    batch_size: int = 64  # global pairs per optimizer step (8 per device x 8 devices in the paper)
+    epochs: float = 3.0
+    max_steps: int | None = None
+    dpo: DPOConfig = DPOConfig()
+    optim: steps.OptimConfig = steps.OptimConfig(learning_rate=1e-5, warmup_steps=20)
+    lora: LoraConfig | None = LoraConfig()
+    mesh: parallel.MeshConfig = parallel.MeshConfig()
+    eval_every: int = 100
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 1
+    seed: int = 0
+    vocab_chunk: int = 8192
+    tensorboard: bool = True
+    strict_data: bool = False
+
+
+def _row(dialogue, tokenizer, template, seq_len, latent_tokens) -> dict | None:
+    """One branch as a right-padded [seq_len] row supervising only its final assistant turn."""
+    from sage_jax.sac import DEFAULT_SCHEMA, to_messages
+
+    enc = encode_dialogue(to_messages(dialogue, DEFAULT_SCHEMA, special_tokens=latent_tokens), tokenizer,
+                          template=template)
+    if enc is None or len(enc.tokens) > seq_len + 1:
+        return None
+    n = len(enc.tokens) - 1
+    mask = last_turn_only(enc.loss_mask)
+    row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    row["loss_mask"] = np.zeros(seq_len, bool)
+    row["inputs"][:n], row["targets"][:n] = enc.tokens[:-1], enc.tokens[1:]
+    row["loss_mask"][:n] = mask[1:]
+    row["segment_ids"][:n] = 1
+    row["positions"][:n] = np.arange(n)
+    return row
+
+
+def encode_pairs(pairs: list[PreferencePair], tokenizer, template, seq_len, latent_tokens, desc) -> list[dict]:
+    out, dropped = [], 0
+    for p in pairs:
+        c = _row(p.chosen, tokenizer, template, seq_len, latent_tokens)
+        r = _row(p.rejected, tokenizer, template, seq_len, latent_tokens)
+        if c is None or r is None:
+            dropped += 1
+            continue
+        out.append({"id": p.id, "chosen": c, "rejected": r})
+    print(f"{desc}: {len(out)}/{len(pairs)} pairs encoded, {dropped} dropped (longer than seq_len={seq_len})",
+          file=sys.stderr)
+    return out
+
+
+def reference_logps(spec: steps.StepSpec, trainable, frozen, pairs: list[dict], batch: int, cache: Path) -> None:
+    """Fill pair["ref_chosen"/"ref_rejected"] from the frozen starting model, cached on disk
+    (keyed by the pairs' content), so a resumed run never recomputes them."""
+    key = hashlib.sha256()
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            key.update(p[side]["inputs"].tobytes())
+            key.update(p[side]["loss_mask"].tobytes())
+    digest = key.hexdigest()[:16]
+    path = cache / f"reference_logps_{digest}.npy"
+    if path.exists():
+        ref = np.load(path)
+    else:
+        fn = jax.jit(lambda t, fz, b: steps.sequence_logprobs(spec, t, fz, b)[0])
+        rows = [p[s] for p in pairs for s in ("chosen", "rejected")]
+        vals = []
+        for i in range(0, len(rows), batch):
+            chunk = rows[i: i + batch]
+            chunk = chunk + [chunk[0]] * (batch - len(chunk))
+            stacked = {k: np.stack([r[k] for r in chunk]) for k in ROW}
+            vals.append(np.asarray(fn(trainable, frozen, stacked))[: len(rows[i: i + batch])])
+        ref = np.concatenate(vals).reshape(len(pairs), 2)
+        if jax.process_index() == 0:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(path, ref)
+    for p, (c, r) in zip(pairs, ref):
+        p["ref_chosen"], p["ref_rejected"] = np.float32(c), np.float32(r)
+
+
+def pair_iterator(pairs: list[dict], host_batch: int, seed: int) -> grain.DatasetIterator:
+    """Shuffled (reseeded per epoch), host-sharded, repeated batches of pairs; checkpointable."""
+    records = [{"chosen": p["chosen"], "rejected": p["rejected"], "ref_chosen": p["ref_chosen"],
+                "ref_rejected": p["ref_rejected"]} for p in pairs]
+    ds = grain.MapDataset.source(records)[jax.process_index():: jax.process_count()]
+    ds = ds.shuffle(seed=seed).repeat(None).batch(host_batch, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def make_pair_evaluator(spec, dpo: DPOConfig, frozen, pairs: list[dict], batch: int):
+    """Validation DPO loss, reward accuracy and margins, averaged over all eval pairs."""
+    if not pairs:
+        return None
+    fn = jax.jit(lambda t, fz, b: steps.dpo_pair_loss(spec, dpo, t, fz, b))
+    batches = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i: i + batch]
+        batches.append((len(chunk), {
+            "chosen": {k: np.stack([p["chosen"][k] for p in chunk]) for k in ROW},
+            "rejected": {k: np.stack([p["rejected"][k] for p in chunk]) for k in ROW},
+            "ref_chosen": np.stack([p["ref_chosen"] for p in chunk]),
+            "ref_rejected": np.stack([p["ref_rejected"] for p in chunk])}))
+
+    def evaluate(state) -> dict:
+        tot: dict[str, float] = {}
+        for n, b in batches:
+            loss, metrics = jax.device_get(fn(state["params"], frozen, b))
+            for k, v in {"loss": loss, **metrics}.items():
+                tot[k] = tot.get(k, 0.0) + float(v) * n
+        return {k: v / len(pairs) for k, v in tot.items()}
+
+    return evaluate
+
+
+def run_dpo(cfg: DPORunConfig) -> dict:
+    from sage_jax.sac import DEFAULT_SCHEMA
+
+    if not cfg.train_files:
+        raise ValueError("dpo: train_files is empty (give preference-pair JSONL files)")
+    parallel.initialize_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh(cfg.mesh)
+    model_cfg, params, tokenizer = load_model_and_tokenizer(cfg.model, DEFAULT_SCHEMA.special_tokens())
+    tokenizer_dir = out / "tokenizer"
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(tokenizer_dir)
+
+    def read(files):
+        pairs = []
+        for f in files:
+            got, report = read_pairs(f, strict=cfg.strict_data)
+            if report.skipped:
+                print(report.summary(5), file=sys.stderr)
+            pairs += got
+        return pairs
+
+    train_p = read(cfg.train_files)
+    eval_p = read(cfg.eval_files) if cfg.eval_files else None
+    if eval_p is None:
+        train_p, eval_p = split_eval(train_p, cfg.eval_fraction, cfg.seed)
+    args = (tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens)
+    train_x, eval_x = encode_pairs(train_p, *args, "train"), encode_pairs(eval_p, *args, "eval")
+    if not train_x:
+        raise ValueError("dpo: no training pairs left after tokenization")
+
+    accum, hosts = cfg.optim.grad_accum_steps, jax.process_count()
+    if cfg.batch_size % (hosts * accum):
+        raise ValueError(f"dpo: batch_size={cfg.batch_size} must be divisible by hosts*grad_accum_steps")
+    host_batch = cfg.batch_size // hosts
+    micro = host_batch // accum
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_x) / cfg.batch_size))
+
+    spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
+    tx = steps.make_optimizer(cfg.optim, total)
+    if cfg.lora is None:
+        trainable, frozen, f_shard = params, None, None
+        ref_trainable, ref_frozen = params, None
+    else:
+        trainable = init_lora(model_cfg, cfg.lora, jax.random.key(cfg.seed))
+        frozen, f_shard = steps.shard_frozen(spec, params, mesh)
+        ref_trainable, ref_frozen = trainable, frozen  # b = 0: the adapters start as the base model
+    ref_batch = max(2, 2 * micro)
+    reference_logps(spec, ref_trainable, ref_frozen, train_x, ref_batch, out)
+    if eval_x:
+        reference_logps(spec, ref_trainable, ref_frozen, eval_x, ref_batch, out)
+
+    s_shard = steps.state_shardings(spec, tx, trainable, mesh)
+    state = jax.jit(lambda t: steps.init_state(t, tx, jax.random.key(cfg.seed + 1)), out_shardings=s_shard)(trainable)
+    rows = {k: np.zeros((accum, micro * hosts, cfg.seq_len), np.int32) for k in ROW}
+    example = {"chosen": rows, "rejected": rows, "ref_chosen": np.zeros((accum, micro * hosts), np.float32),
+               "ref_rejected": np.zeros((accum, micro * hosts), np.float32)}
+    b_shard = steps.batch_shardings(example, mesh)
+    step_fn = steps.compile_step(steps.dpo_train_step, spec, cfg.dpo, tx, state_sharding=s_shard,
+                                 frozen_sharding=f_shard, batch_sharding=b_shard)
+
+    def to_device(b: dict) -> dict:
+        shaped = jax.tree.map(lambda x: np.asarray(x).reshape((accum, micro) + np.shape(x)[1:]), b)
+        return to_global(shaped, b_shard)
+
+    evaluate = make_pair_evaluator(spec, cfg.dpo, frozen, eval_x, max(1, micro))
+    run_config = {"kind": "dpo", "run": to_dict(cfg), "model": dataclasses.asdict(model_cfg),
+                  "base_model": str(cfg.model.path)}
+    n_params = num_params(params)
+    print(f"dpo: {len(train_x)} train / {len(eval_x)} eval pairs, {total} steps of {cfg.batch_size} pairs, "
+          f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}", file=sys.stderr)
+    state, result = train_loop(
+        output_dir=out, state=state, frozen=frozen, step_fn=step_fn, batches=pair_iterator(train_x, host_batch, cfg.seed),
+        to_device=to_device, total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every,
+        save_every=cfg.save_every, keep=cfg.keep, run_config=run_config, tokenizer_dir=str(tokenizer_dir),
+        tokens_in=lambda b: int(np.count_nonzero(b["chosen"]["segment_ids"]) + np.count_nonzero(b["rejected"]["segment_ids"])),
+        flops_per_token=6 * n_params, tensorboard=cfg.tensorboard, log_every=cfg.log_every)
+    return {"steps": result.step, "preempted": result.preempted, "evals": result.evals,
+            "checkpoints": str(out / "checkpoints"), "metrics": str(out / "logs" / "metrics.jsonl")}

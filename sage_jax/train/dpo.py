@@ -24,12 +24,12 @@ from sage_jax import parallel
 from sage_jax.config import to_dict
 from sage_jax.data.pairs import PreferencePair, last_turn_only, read_pairs
 from sage_jax.data.tokenize import encode_dialogue
-from sage_jax.model import init_lora, num_params
+from sage_jax.model import num_params
 from sage_jax.model.lora import LoraConfig
 from sage_jax.train import steps
 from sage_jax.train.losses import DPOConfig
 from sage_jax.train.sft import split_eval
-from sage_jax.train.trainer import ModelSpec, load_model_and_tokenizer, to_global, train_loop
+from sage_jax.train.trainer import ModelSpec, init_train_state, prepare_run, to_global, train_loop
 
 ROW = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -157,18 +157,10 @@ def make_pair_evaluator(spec, dpo: DPOConfig, frozen, pairs: list[dict], batch: 
 
 
 def run_dpo(cfg: DPORunConfig) -> dict:
-    from sage_jax.sac import DEFAULT_SCHEMA
-
     if not cfg.train_files:
         raise ValueError("dpo: train_files is empty (give preference-pair JSONL files)")
-    parallel.initialize_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mesh = parallel.make_mesh(cfg.mesh)
-    model_cfg, params, tokenizer = load_model_and_tokenizer(cfg.model, DEFAULT_SCHEMA.special_tokens())
-    tokenizer_dir = out / "tokenizer"
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(tokenizer_dir)
+    run = prepare_run(cfg.model, cfg.mesh, cfg.output_dir)
+    out, mesh, model_cfg, params, tokenizer = run.out, run.mesh, run.model_cfg, run.params, run.tokenizer
 
     def read(files):
         pairs = []
@@ -197,20 +189,12 @@ def run_dpo(cfg: DPORunConfig) -> dict:
 
     spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
     tx = steps.make_optimizer(cfg.optim, total)
-    if cfg.lora is None:
-        trainable, frozen, f_shard = params, None, None
-        ref_trainable, ref_frozen = params, None
-    else:
-        trainable = init_lora(model_cfg, cfg.lora, jax.random.key(cfg.seed))
-        frozen, f_shard = steps.shard_frozen(spec, params, mesh)
-        ref_trainable, ref_frozen = trainable, frozen  # b = 0: the adapters start as the base model
+    state, s_shard, frozen, f_shard = init_train_state(spec, tx, params, cfg.seed, mesh)
+    # The reference is the starting policy (LoRA: b = 0, so adapters + base = the base model).
     ref_batch = max(2, 2 * micro)
-    reference_logps(spec, ref_trainable, ref_frozen, train_x, ref_batch, out)
-    if eval_x:
-        reference_logps(spec, ref_trainable, ref_frozen, eval_x, ref_batch, out)
-
-    s_shard = steps.state_shardings(spec, tx, trainable, mesh)
-    state = jax.jit(lambda t: steps.init_state(t, tx, jax.random.key(cfg.seed + 1)), out_shardings=s_shard)(trainable)
+    for pairs in (train_x, eval_x):
+        if pairs:
+            reference_logps(spec, state["params"], frozen, pairs, ref_batch, out)
     rows = {k: np.zeros((accum, micro * hosts, cfg.seq_len), np.int32) for k in ROW}
     example = {"chosen": rows, "rejected": rows, "ref_chosen": np.zeros((accum, micro * hosts), np.float32),
                "ref_rejected": np.zeros((accum, micro * hosts), np.float32)}
@@ -231,7 +215,7 @@ def run_dpo(cfg: DPORunConfig) -> dict:
     state, result = train_loop(
         output_dir=out, state=state, frozen=frozen, step_fn=step_fn, batches=pair_iterator(train_x, host_batch, cfg.seed),
         to_device=to_device, total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every,
-        save_every=cfg.save_every, keep=cfg.keep, run_config=run_config, tokenizer_dir=str(tokenizer_dir),
+        save_every=cfg.save_every, keep=cfg.keep, run_config=run_config, tokenizer_dir=str(run.tokenizer_dir),
         tokens_in=lambda b: int(np.count_nonzero(b["chosen"]["segment_ids"]) + np.count_nonzero(b["rejected"]["segment_ids"])),
         flops_per_token=6 * n_params, tensorboard=cfg.tensorboard, log_every=cfg.log_every)
     return {"steps": result.step, "preempted": result.preempted, "evals": result.evals,

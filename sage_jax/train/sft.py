@@ -14,7 +14,6 @@ import dataclasses
 import math
 import random
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,10 +23,10 @@ from sage_jax.config import to_dict
 from sage_jax.data.packing import pack_examples
 from sage_jax.data.pipeline import DataConfig, make_iterator
 from sage_jax.data.tokenize import encode_many
-from sage_jax.model import init_lora, num_params
+from sage_jax.model import num_params
 from sage_jax.model.lora import LoraConfig
 from sage_jax.train import steps
-from sage_jax.train.trainer import ModelSpec, load_model_and_tokenizer, to_global, train_loop
+from sage_jax.train.trainer import ModelSpec, init_train_state, prepare_run, to_global, train_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,18 +124,10 @@ def make_evaluator(spec: steps.StepSpec, frozen, rows: list[dict], batch_rows: i
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Train; returns a summary (steps, first/last eval, output paths)."""
-    from sage_jax.sac import DEFAULT_SCHEMA
-
     if not cfg.train_files:
         raise ValueError("sft: train_files is empty (give SAC JSONL files: train_files=[a.jsonl,b.jsonl])")
-    parallel.initialize_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mesh = parallel.make_mesh(cfg.mesh)
-    model_cfg, params, tokenizer = load_model_and_tokenizer(cfg.model, DEFAULT_SCHEMA.special_tokens())
-    tokenizer_dir = out / "tokenizer"
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(tokenizer_dir)
+    run = prepare_run(cfg.model, cfg.mesh, cfg.output_dir)
+    out, mesh, model_cfg, params, tokenizer = run.out, run.mesh, run.model_cfg, run.params, run.tokenizer
 
     train_d = read_dialogues(cfg.train_files, cfg.strict_data)
     if cfg.eval_files:
@@ -159,14 +150,7 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
     tx = steps.make_optimizer(cfg.optim, total)
-    frozen, f_shard = (None, None)
-    if cfg.lora is None:
-        trainable = params
-    else:
-        trainable = init_lora(model_cfg, cfg.lora, jax.random.key(cfg.seed))
-        frozen, f_shard = steps.shard_frozen(spec, params, mesh)
-    s_shard = steps.state_shardings(spec, tx, trainable, mesh)
-    state = jax.jit(lambda t: steps.init_state(t, tx, jax.random.key(cfg.seed + 1)), out_shardings=s_shard)(trainable)
+    state, s_shard, frozen, f_shard = init_train_state(spec, tx, params, cfg.seed, mesh)
 
     data_cfg = DataConfig(seq_len=cfg.seq_len, batch_size=host_rows, seed=cfg.seed, num_epochs=None)
     batches = make_iterator(train_ex, data_cfg)
@@ -194,7 +178,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     state, result = train_loop(
         output_dir=out, state=state, frozen=frozen, step_fn=step_fn, batches=batches, to_device=to_device,
         total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every, save_every=cfg.save_every, keep=cfg.keep,
-        run_config=run_config, tokenizer_dir=str(tokenizer_dir), tensorboard=cfg.tensorboard,
+        run_config=run_config, tokenizer_dir=str(run.tokenizer_dir), tensorboard=cfg.tensorboard,
         tokens_in=lambda b: int(np.count_nonzero(b["segment_ids"])), flops_per_token=flops, log_every=cfg.log_every)
     summary = {"steps": result.step, "preempted": result.preempted, "evals": result.evals,
                "checkpoints": str(out / "checkpoints"), "metrics": str(out / "logs" / "metrics.jsonl")}

@@ -69,6 +69,50 @@ def load_model_and_tokenizer(spec: ModelSpec, special_tokens: tuple[str, ...] = 
     return cfg, params, tokenizer
 
 
+@dataclasses.dataclass
+class RunSetup:
+    out: Path
+    mesh: Any
+    model_cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    tokenizer_dir: Path
+
+
+def prepare_run(model: ModelSpec, mesh_cfg, output_dir: str) -> RunSetup:
+    """Start-up shared by sft and dpo: distributed init, output dir, mesh, model + tokenizer
+    (latent tokens added if asked; the tokenizer is saved with the run)."""
+    from sage_jax import parallel
+    from sage_jax.sac import DEFAULT_SCHEMA
+
+    parallel.initialize_distributed()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh(mesh_cfg)
+    model_cfg, params, tokenizer = load_model_and_tokenizer(model, DEFAULT_SCHEMA.special_tokens())
+    tokenizer_dir = out / "tokenizer"
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(tokenizer_dir)
+    return RunSetup(out, mesh, model_cfg, params, tokenizer, tokenizer_dir)
+
+
+def init_train_state(spec, tx, params, seed: int, mesh):
+    """(state, state shardings, frozen, frozen shardings): LoRA trains fresh adapters over
+    frozen base params; full fine-tuning trains the params themselves."""
+    from sage_jax.model import init_lora
+    from sage_jax.train import steps
+
+    frozen, f_shard = None, None
+    if spec.lora is None:
+        trainable = params
+    else:
+        trainable = init_lora(spec.model, spec.lora, jax.random.key(seed))
+        frozen, f_shard = steps.shard_frozen(spec, params, mesh)
+    s_shard = steps.state_shardings(spec, tx, trainable, mesh)
+    state = jax.jit(lambda t: steps.init_state(t, tx, jax.random.key(seed + 1)), out_shardings=s_shard)(trainable)
+    return state, s_shard, frozen, f_shard
+
+
 def model_config_from_dict(d: dict) -> ModelConfig:
     from sage_jax.model.config import RopeConfig
 

@@ -31,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_models_fetch)
 
     from sage_jax.data.cli import register as register_data
+    from sage_jax.judge.cli import register as register_judge
     from sage_jax.train.cli import register as register_train
 
     register_data(sub)
+    register_judge(sub)
     register_train(sub)
     return parser
 

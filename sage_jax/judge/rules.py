@@ -168,7 +168,8 @@ EMOTION_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("curious", ("curious", "wonder", "wondering")),
 )
 _SYMPATHY = ("sorry", "that sounds", "must be", "i understand", "that's tough", "that's rough", "hang in there")
-_ENCOURAGE = ("you can do", "good luck", "well done", "congratulations", "congrats", "proud of you", "you've got this", "great job")
+_ENCOURAGE = ("you can do", "good luck", "well done", "congratulations", "congrats", "proud of you",
+              "you've got this", "great job")
 _SUGGEST = ("you could", "you should", "try", "maybe", "how about", "i suggest", "i recommend", "consider")
 _REQUEST_START = ("write", "explain", "give", "tell", "list", "create", "make", "show", "help", "describe",
                   "summarize", "summarise", "translate", "generate", "find", "please")

@@ -32,11 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sage_jax.data.cli import register as register_data
     from sage_jax.judge.cli import register as register_judge
+    from sage_jax.rollout.cli import register as register_rollout
     from sage_jax.train.cli import register as register_train
 
     register_data(sub)
     register_judge(sub)
     register_train(sub)
+    register_rollout(sub)
     return parser
 
 

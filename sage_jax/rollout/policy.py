@@ -1,0 +1,56 @@
+"""A chat policy: model + tokenizer + chat template, loaded from an HF dir, `smollm2` or a run dir."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+from sage_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass
+class Policy:
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    template: str | None = None  # None: the tokenizer's own chat template
+    name: str = ""
+
+    def encode_chat(self, messages: Sequence[dict], *, prefill: str = "") -> list[int]:
+        """Token ids of `messages` + the assistant generation prompt (+ `prefill`, text the
+        assistant message starts with: pinned latent fields)."""
+        from sage_jax.data.templates import resolve_template
+
+        jinja, _ = resolve_template(self.tokenizer, self.template)
+        text = self.tokenizer.apply_chat_template(list(messages), chat_template=jinja, tokenize=False,
+                                                  add_generation_prompt=True)
+        return list(self.tokenizer(text + prefill, add_special_tokens=False)["input_ids"])
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of generated ids without the end-of-turn/eos token; other special tokens (the
+        latent delimiters, when used) are kept."""
+        eos = self.cfg.eos_token_id
+        ends = set(eos) if isinstance(eos, tuple) else {eos}
+        ends |= {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        return self.tokenizer.decode([t for t in tokens if t not in ends], skip_special_tokens=False)
+
+
+def load_policy(path: str, *, template: str | None = None, dtype: str | None = None) -> Policy:
+    """`smollm2`, an HF directory, or a training run directory (its latest checkpoint, LoRA merged)."""
+    from transformers import AutoTokenizer
+
+    from sage_jax.model import load_hf
+    from sage_jax.train.trainer import load_trained, resolve_model_path
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        cfg, params, tok_dir, step = load_trained(p)
+        name = f"{p.name}@{step}"
+    else:
+        tok_dir = resolve_model_path(path)
+        cfg, params = load_hf(tok_dir)
+        name = Path(tok_dir).name
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    return Policy(cfg, params, AutoTokenizer.from_pretrained(tok_dir), template, name)

@@ -1,0 +1,246 @@
+"""Dialogue tree search over latent state-actions (SAGE.md §4; DESIGN.md §5, §11).
+
+At every assistant turn of every live dialogue, K children are generated that differ first in
+their latent state-action, then in words:
+  - `branching="sample"`: K sampled continuations of the dialogue prefix; the prefix is prefilled
+    once and its KV cache broadcast to the K rows (`rollout.generate(num_continuations=K)`);
+  - `branching="enumerate"`: the user state is decoded once (greedy), then K distinct values of
+    the action's motivation from a closed vocabulary (e.g. the 8 ESConv strategies) are pinned
+    as a prefill and each child completes the rest: children have distinct latents by design.
+The judge picks the best child (best-of-K, retried on unparseable verdicts); the chosen child
+continues, the others are kept as negatives; the simulated user answers; all dialogues of a batch
+advance together. Beam width and lookahead are 1, the paper's setting (deeper search: future work).
+
+Outputs (JSONL, appended per finished dialogue; a restarted run skips finished seeds):
+trees.jsonl (every node: candidates with latents, verdict, choice), trajectories.jsonl and
+sft.jsonl (the selected dialogues as SAC), pairs.jsonl (history with latents, chosen, rejected),
+trees/<id>.html (a self-contained viewer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Literal, Sequence
+
+from sage_jax.data.jsonl import JsonlWriter, done_ids
+from sage_jax.rollout.policy import Policy, load_policy
+from sage_jax.rollout.sampling import SamplingParams
+from sage_jax.rollout.selfplay import Episode, user_turns
+from sage_jax.sac import DEFAULT_SCHEMA, Dialogue, Latent, dialogue_to_json, latent_to_json, parse_assistant_lenient
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    model: str = "smollm2"  # assistant policy: smollm2, an HF dir or a training run dir
+    user_model: str | None = None  # user simulator (None: the assistant's model)
+    judge: str = "rules:"  # judge spec: rules:, openai:MODEL[@URL], local:PATH
+    judge_cache: str | None = None  # default: output_dir/judge_cache
+    seeds: str = "sample:ed_test_seeds.txt"  # one user opening per line; sample:NAME = shipped sample
+    num_seeds: int | None = None
+    output_dir: str = "runs/search"
+    turns: int = 8  # assistant turns per dialogue (the paper: 8 assistant, 7 user)
+    k: int = 4  # children per assistant turn
+    branching: Literal["sample", "enumerate"] = "sample"
+    vocabulary: str = "esconv_strategies"  # closed vocabulary of a_motivation for branching=enumerate
+    negatives_per_turn: int = 1  # preference pairs per assistant turn
+    humour: bool = False
+    judge_tries: int = 5
+    temperature: float = 0.95
+    top_k: int = 50
+    top_p: float = 0.7
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 512
+    user_max_new_tokens: int = 64
+    batch_seeds: int = 8  # dialogues searched together
+    template: str | None = None
+    seed: int = 0
+
+    def sampling(self, max_new: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, max_new_tokens=max_new)
+
+
+def _latents(content: str):
+    p = parse_assistant_lenient(content, DEFAULT_SCHEMA)
+    return p.state, p.action, p.reply.strip()
+
+
+def _latent_json(lat):
+    return None if lat is None else latent_to_json(lat)
+
+
+def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed: int) -> list[list[dict]]:
+    """K candidate assistant messages per episode (each {"content", "finish_reason", ...})."""
+    from sage_jax import rollout
+
+    sp = cfg.sampling(cfg.max_new_tokens)
+    if cfg.branching == "sample":
+        prompts = [policy.encode_chat(e.assistant_view) for e in episodes]
+        gens = rollout.generate(policy.cfg, policy.params, prompts, sp, seed=seed, num_continuations=cfg.k)
+        return [[{"content": policy.decode(g.tokens), "finish_reason": g.finish_reason}
+                 for g in gens[i * cfg.k:(i + 1) * cfg.k]] for i in range(len(episodes))]
+    # enumerate: decode the state block once, then pin K distinct action motivations.
+    from sage_jax.sac import get_vocabulary, render_latent
+
+    values = list(get_vocabulary(cfg.vocabulary).values)
+    state_sp = dataclasses.replace(sp, temperature=0.0, max_new_tokens=64, stop_strings=("}",))
+    prompts = [policy.encode_chat(e.assistant_view) for e in episodes]
+    states = rollout.generate(policy.cfg, policy.params, prompts, state_sp, seed=seed, tokenizer=policy.tokenizer)
+    rng = random.Random(seed)
+    rows, prefills, pinned = [], [], []
+    for e, g in zip(episodes, states):
+        state_text = (g.text or "").strip()
+        state_text = state_text + "}" if g.stop_string else state_text
+        parsed = parse_assistant_lenient(state_text + " x", DEFAULT_SCHEMA).state
+        # Canonical rendering, so every child shares exactly this state; a state the model did not
+        # produce is pinned as all-null (recorded as such in the tree).
+        state_text = render_latent(parsed if parsed is not None else Latent(), "user", DEFAULT_SCHEMA)
+        chosen = rng.sample(values, min(cfg.k, len(values)))
+        pinned.append(chosen)
+        for v in chosen:
+            pre = f"{state_text} {{a_motivation: {DEFAULT_SCHEMA.format_value(v)}, a_emotion:"
+            rows.append(policy.encode_chat(e.assistant_view, prefill=pre))
+            prefills.append(pre)
+    gens = rollout.generate(policy.cfg, policy.params, rows, sp, seed=seed + 1)
+    out, i = [], 0
+    for e, vals in zip(episodes, pinned):
+        out.append([{"content": prefills[i + j] + policy.decode(gens[i + j].tokens),
+                     "finish_reason": gens[i + j].finish_reason, "pinned": {"a_motivation": v}}
+                    for j, v in enumerate(vals)])
+        i += len(vals)
+    return out
+
+
+def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, str]], cfg: SearchConfig,
+                 seed: int) -> list[dict]:
+    """Search one batch of (id, seed text) dialogues; returns one result record per dialogue."""
+    from sage_jax.judge import select_best
+
+    episodes = [Episode.start(i, s) for i, s in seeds]
+    nodes: dict[str, list[dict]] = {e.id: [] for e in episodes}
+    pairs: dict[str, list[dict]] = {e.id: [] for e in episodes}
+    rng = random.Random(seed)
+    for turn in range(cfg.turns):
+        live = [e for e in episodes if not e.done]
+        if not live:
+            break
+        cands = expand(policy, live, cfg, seed=seed + 1000 * turn)
+        if cfg.k > 1:
+            sels = select_best(judge, [e.turns for e in live], [[c["content"] for c in cs] for cs in cands],
+                               tries=cfg.judge_tries, humour=cfg.humour, seed=seed + turn)
+        else:
+            sels = [None] * len(live)
+        for e, cs, sel in zip(live, cands, sels):
+            index = 0 if sel is None or sel.index is None else sel.index
+            history = [dataclasses.replace(t) for t in e.turns]
+            for c in cs:
+                c["state"], c["action"], c["reply"] = (lambda s, a, r: (_latent_json(s), _latent_json(a), r))(
+                    *_latents(c["content"]))
+            nodes[e.id].append({
+                "turn": turn, "candidates": cs, "chosen": index,
+                "verdict": None if sel is None else {"kind": sel.verdict.kind, "raw": list(sel.raw),
+                                                     "tries": sel.tries, "judge": sel.judge},
+                "distinct_latents": len({json.dumps([c["state"], c["action"]]) for c in cs})})
+            others = [j for j in range(len(cs)) if j != index]
+            for j in rng.sample(others, min(cfg.negatives_per_turn, len(others))):
+                hist_json = dialogue_to_json(Dialogue(e.id, tuple(history)))["turns"]
+                pairs[e.id].append({"id": f"{e.id}:t{turn}:r{j}", "history": hist_json,
+                                    "chosen": {"text": cs[index]["reply"], "state": cs[index]["state"],
+                                               "action": cs[index]["action"]},
+                                    "rejected": {"text": cs[j]["reply"], "state": cs[j]["state"],
+                                                 "action": cs[j]["action"]},
+                                    "meta": {"judge": None if sel is None else sel.judge,
+                                             "verdict": None if sel is None else sel.verdict.kind}})
+            e.add_assistant(cs[index]["content"])
+        if turn + 1 < cfg.turns:
+            user_turns(sim, live, cfg.sampling(cfg.user_max_new_tokens), seed=seed + 1000 * turn + 500)
+    results = []
+    for e in episodes:
+        dialogue = Dialogue(e.id, tuple(e.turns), meta={"seed": e.seed, "model": policy.name, "judge": judge.name,
+                                                          **({"note": e.note} if e.note else {})})
+        results.append({"id": e.id, "dialogue": dialogue, "nodes": nodes[e.id], "pairs": pairs[e.id],
+                        "assistant_view": e.assistant_view})
+    return results
+
+
+def render_tree_html(result: dict) -> str:
+    """A self-contained HTML page: every turn's candidates, latents, verdict; the chosen one marked."""
+    esc = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(result['id'])}</title><style>"
+             "body{font-family:sans-serif;max-width:60em;margin:auto} .user{background:#eef;padding:.5em;"
+             "margin:.5em 0} .c{border:1px solid #ccc;padding:.4em;margin:.3em 0 .3em 2em} .chosen{border:2px solid"
+             " #2a2;background:#efe} .lat{font-size:.8em;color:#555} .v{font-size:.8em;color:#a50}</style>",
+             f"<h1>{esc(result['id'])}</h1>"]
+    turns = result["dialogue"].turns
+    for node in result["nodes"]:
+        user = turns[2 * node["turn"]].text
+        parts.append(f"<div class='user'><b>user:</b> {esc(user)}</div>")
+        v = node["verdict"]
+        if v:
+            parts.append(f"<div class='v'>judge {esc(str(v['judge']))}: {esc(v['kind'])} — "
+                         f"{esc(' | '.join(r or '' for r in v['raw']))}</div>")
+        for j, c in enumerate(node["candidates"]):
+            cls = "c chosen" if j == node["chosen"] else "c"
+            lat = f"state={json.dumps(c['state'])} action={json.dumps(c['action'])}"
+            parts.append(f"<div class='{cls}'><div class='lat'>{esc(lat)}</div>{esc(c['reply'])}</div>")
+    return "\n".join(parts)
+
+
+def _seed_path(spec: str) -> Path:
+    if spec.startswith("sample:"):
+        from sage_jax.data.sample import sample_path
+
+        return sample_path(spec.split(":", 1)[1])
+    return Path(spec)
+
+
+def run_search(cfg: SearchConfig) -> dict:
+    """Search every seed not yet finished in output_dir; returns counts and output paths."""
+    from sage_jax.data.readers import read_seeds
+    from sage_jax.judge import make_judge
+    from sage_jax.train.metrics import progress
+
+    if cfg.k < 1 or cfg.turns < 1:
+        raise ValueError("search: k and turns must be >= 1")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = read_seeds(_seed_path(cfg.seeds), limit=cfg.num_seeds)
+    items = [(f"seed{i:05d}", s) for i, s in enumerate(seeds)]
+    finished = done_ids(out / "trees.jsonl")
+    todo = [it for it in items if it[0] not in finished]
+    print(f"search: {len(items)} seeds, {len(finished & {i for i, _ in items})} already done, {len(todo)} to go; "
+          f"K={cfg.k}, {cfg.turns} turns, judge {cfg.judge}", file=sys.stderr)
+    summary = {"seeds": len(items), "skipped_done": len(items) - len(todo), "searched": 0, "pairs": 0,
+               "output_dir": str(out)}
+    if not todo:
+        return summary
+    policy = load_policy(cfg.model, template=cfg.template)
+    sim = policy if cfg.user_model in (None, cfg.model) else load_policy(cfg.user_model, template=cfg.template)
+    judge = make_judge(cfg.judge, cache_dir=cfg.judge_cache or out / "judge_cache")
+    (out / "trees").mkdir(exist_ok=True)
+    writers = {n: JsonlWriter(out / f"{n}.jsonl") for n in ("trajectories", "sft", "pairs", "trees")}
+    bar = progress(len(todo), "search", unit="dialogue")
+    try:
+        for b in range(0, len(todo), cfg.batch_seeds):
+            batch = todo[b: b + cfg.batch_seeds]
+            for r in search_batch(policy, sim, judge, batch, cfg, seed=cfg.seed + b):
+                d = dialogue_to_json(r["dialogue"])
+                writers["sft"].write(d)
+                writers["trajectories"].write({**d, "assistant_view": r["assistant_view"]})
+                for p in r["pairs"]:
+                    writers["pairs"].write(p)
+                (out / "trees" / f"{r['id']}.html").write_text(render_tree_html(r))
+                writers["trees"].write({"id": r["id"], "seed": r["dialogue"].meta["seed"], "nodes": r["nodes"]})
+                summary["searched"] += 1
+                summary["pairs"] += len(r["pairs"])
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+    return summary

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     loop.set_defaults(func=_loop)
 
     from sage_jax.data.cli import register as register_data
+    from sage_jax.eval.cli import register as register_eval
     from sage_jax.judge.cli import register as register_judge
     from sage_jax.rollout.cli import register as register_rollout
     from sage_jax.train.cli import register as register_train
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_judge(sub)
     register_train(sub)
     register_rollout(sub)
+    register_eval(sub)
     return parser
 
 

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from sage_jax import model, parallel
 
-TOL = 1e-5
+TOL = 5e-5  # float32: sharded reductions sum in a different order (logits of magnitude ~3)
 
 
 def tiny(family="llama", **kw):

@@ -48,7 +48,7 @@ class BeamHypothesis:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "num_beams", "beams_to_keep", "new_len", "cache_len", "early_stopping"),
+    static_argnames=("cfg", "num_beams", "beams_to_keep", "new_len", "cache_len"),
 )
 def _beam_search(
     cfg: ModelConfig,
@@ -59,12 +59,13 @@ def _beam_search(
     max_new: jax.Array,  # [] int32
     length_penalty: jax.Array,  # [] f32
     len_pow: jax.Array,  # [new_len + 1] f32: float32(i ** length_penalty), computed in float64
+    es_true: jax.Array,  # [] bool: early_stopping is True
+    es_never: jax.Array,  # [] bool: early_stopping == "never"
     *,
     num_beams: int,
     beams_to_keep: int,
     new_len: int,
     cache_len: int,
-    early_stopping: bool | str,
 ):
     b, _ = tokens.shape
     nb, kk, n = num_beams, beams_to_keep, new_len
@@ -113,7 +114,7 @@ def _beam_search(
         # f. finished candidates (within the top num_beams) may enter the n-best list
         just = hits & top_nb_mask[None, :]
         fl = topk_lp / len_pow[s + 1]
-        full = jnp.all(st["fin"], axis=1, keepdims=True) & (early_stopping is True)
+        full = jnp.all(st["fin"], axis=1, keepdims=True) & es_true
         fl = fl + full.astype(jnp.float32) * NEG
         fl = fl + (~st["unsat"])[:, None].astype(jnp.float32) * NEG
         fl = fl + (~just).astype(jnp.float32) * NEG
@@ -139,15 +140,12 @@ def _beam_search(
 
         # the early-stop heuristic and the global stopping condition
         s1 = s + 1
-        if early_stopping == "never":
-            best_len_pow = jnp.where(length_penalty > 0.0, len_pow[max_new], len_pow[s1])
-        else:
-            best_len_pow = len_pow[s1]
+        best_len_pow = jnp.where(es_never & (length_penalty > 0.0), len_pow[max_new], len_pow[s1])
         best_running = run_score[:, :1] / best_len_pow
         worst = jnp.where(fin, jnp.min(score, axis=1, keepdims=True), NEG)
         unsat = st["unsat"] & jnp.any(best_running > worst, axis=-1)
         improvement = jnp.any(unsat)
-        open_beam = ~(jnp.all(fin) & (early_stopping is True))
+        open_beam = ~(jnp.all(fin) & es_true)
         valid = ~jnp.all(hits)
         return dict(cache=cache, logits=logits, run_seq=run_seq, run_score=run_score, seq=seq, score=score,
                     fin=fin, fin_len=fin_len, unsat=unsat, step=s1, stop=~(improvement & open_beam & valid))
@@ -205,8 +203,8 @@ def beam_search(
     out = _beam_search(
         cfg, params, jnp.asarray(toks), jnp.asarray(lens), jnp.asarray(stop), jnp.asarray(max_new_tokens, jnp.int32),
         jnp.asarray(length_penalty, jnp.float32), jnp.asarray(len_pow),
+        jnp.asarray(early_stopping is True), jnp.asarray(early_stopping == "never"),
         num_beams=num_beams, beams_to_keep=beams_to_keep, new_len=new_len, cache_len=t_len + new_len,
-        early_stopping=early_stopping,
     )
     seq, score, fin, fin_len, _, _ = jax.device_get(out)
     stop_set = set(stop.tolist())

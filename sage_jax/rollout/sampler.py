@@ -207,10 +207,10 @@ def _decode_step(cfg: ModelConfig, proc: Processing, params, st: SamplerState) -
     rows = jnp.arange(b)
     active = ~st.done
     stop_mask = None
-    if proc.min_new_tokens:
-        vocab = jnp.arange(v, dtype=jnp.int32)
-        is_stop_tok = jnp.any(st.stop_ids[:, :, None] == vocab[None, None, :], axis=1)  # [B, V]
-        stop_mask = is_stop_tok & (st.length < st.min_new)[:, None]
+    if proc.min_new_tokens:  # mask the stop tokens of rows still short of min_new_tokens
+        early = (st.length < st.min_new)[:, None]
+        ids = jnp.where((st.stop_ids >= 0) & early, st.stop_ids, v)  # v: out of range, dropped
+        stop_mask = jnp.zeros((b, v), bool).at[rows[:, None], ids].set(True, mode="drop")
     keys = jax.vmap(jax.random.fold_in)(st.keys, st.length)
     processed, ids = process_logits(
         proc, st.logits, presence=st.presence, penalty=st.penalty, temperature=st.temperature,
@@ -480,7 +480,9 @@ def generate_branches(
     new_len = bucket(max(mx), 16)
     p_len = bucket(len(prefix), 16)
     s_len = bucket(longest_suffix, 8) if longest_suffix else 0
-    cache_len = int(max_cache_len) if max_cache_len is not None else p_len + s_len + new_len
+    # The same default capacity as `generate` on the concatenated prompts: the same decode shapes.
+    cache_len = (int(max_cache_len) if max_cache_len is not None
+                 else bucket(len(prefix) + longest_suffix, 16) + new_len)
     if len(prefix) + longest_suffix > cache_len:
         raise ValueError(f"prefix + suffix ({len(prefix) + longest_suffix} tokens) does not fit "
                          f"max_cache_len={cache_len}")

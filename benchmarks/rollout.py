@@ -1,0 +1,202 @@
+"""Rollout throughput: our sampler vs `transformers.generate` on SmolLM2-135M-Instruct (fp32).
+
+    python benchmarks/rollout.py            # batch 1, 16, 64; 64 new tokens; 3 repeats
+    python benchmarks/rollout.py --quick    # batch 1, 16; 16 new tokens; 3 repeats
+
+Measured in the same process, same prompts (identical lengths, no padding), greedy, and
+min_new_tokens = max_new_tokens on both sides so every row generates the same count.
+Decode tokens/s = batch * (N - 1) / (time of the N - 1 decode steps): for us the `decode` jit
+timed apart from `prefill`; for transformers the time between the first and the last call of a
+timestamping logits processor (called once per step, after each forward). End-to-end tokens/s
+(prefill + decode + host work, batch * N / wall time of one generate call) is reported too.
+Compile time is excluded (one warm-up call per shape) and printed separately. Medians of >= 3
+interleaved repeats; the machine may be shared and noisy, so read the ratios, not the absolute
+numbers. On an oversubscribed machine torch's OpenMP threads slow down far more than XLA's (we
+saw HF fall to ~1 tok/s at batch 1 with 2 threads and a load average of 5): pass
+`--torch-threads 1` there, or the ratios flatter us.
+
+Prefix sharing: K=8 continuations of one long prefix with `num_continuations=8` (one prefill,
+cache broadcast) vs 8 independent copies of the prefix (8 prefills), and K=1 for scale.
+llama.cpp is compared only if `llama_cpp` is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="batch 1 and 16, 16 new tokens")
+    ap.add_argument("--batches", type=int, nargs="*", default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--prefix-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads (OpenMP degrades badly when the machine is oversubscribed)")
+    args = ap.parse_args(argv)
+    batches = args.batches or ([1, 16] if args.quick else [1, 16, 64])
+    n_new = args.new_tokens or (16 if args.quick else 64)
+    repeats = max(3, args.repeats)
+
+    import jax
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sage_jax import model, rollout
+    from sage_jax.model.smollm2 import fetch_smollm2
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    hf_dir = fetch_smollm2()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    cfg, params = model.load_hf(hf_dir)
+    hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), cpu count {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f} (others share this machine when > 0.5)")
+    print(f"# SmolLM2-135M fp32; prompt {args.prompt_len} tokens; {n_new} new tokens; median of {repeats}")
+
+    text = ("I lost my job last week and I have been feeling anxious about money and about telling my "
+            "family. Every morning I wake up early and cannot get back to sleep. ") * 64
+    corpus = tok(text)["input_ids"]
+    rng = np.random.default_rng(0)
+
+    def prompts_of(b, length):
+        starts = rng.integers(0, len(corpus) - length, size=b)
+        return [corpus[s: s + length] for s in starts]
+
+    from sage_jax.rollout import sampler as S
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    def ours(prompts, n, k=1, sp=None):
+        sp = sp or rollout.SamplingParams.greedy_params(n, min_new_tokens=n)
+        gens = rollout.generate(cfg, params, prompts, sp, num_continuations=k)
+        assert all(len(g.tokens) == n for g in gens)
+        return gens
+
+    def ours_decode_time(prompts, n) -> float:
+        """Seconds of our decode jit alone (prefill run and synced first), as `generate` runs it."""
+        b = len(prompts)
+        sp = rollout.SamplingParams.greedy_params(n, min_new_tokens=n)
+        proc = rollout.Processing.of(sp, cfg.vocab_size)
+        rows = S._row_settings(cfg, [sp] * b, [n] * b, list(range(b)), 0, S.bucket(b))
+        toks, lens = S._pad_rows(prompts, S.bucket(b), S.bucket(len(prompts[0]), 16))
+        t_len, new_len = toks.shape[1], S.bucket(n, 16)
+        st = S.prefill(cfg, params, jax.numpy.asarray(toks), jax.numpy.asarray(lens), rows,
+                       cache_len=t_len + new_len, new_len=new_len)
+        jax.block_until_ready(st)
+        t = time.perf_counter()
+        st = S.decode(cfg, proc, params, st)
+        jax.block_until_ready(st)
+        dt = time.perf_counter() - t
+        assert int(st.length[0]) == n
+        return dt
+
+    class Stamps(LogitsProcessor):
+        def __init__(self):
+            self.t = []
+
+        def __call__(self, input_ids, scores):
+            self.t.append(time.perf_counter())
+            return scores
+
+    def theirs(prompts, n, stamps=None):
+        ids = torch.tensor(prompts, dtype=torch.long)
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=2,
+                              logits_processor=LogitsProcessorList([stamps]) if stamps else None)
+        assert out.shape[1] == ids.shape[1] + n
+        return out
+
+    def theirs_decode_time(prompts, n) -> float:
+        st = Stamps()
+        theirs(prompts, n, st)
+        assert len(st.t) == n
+        return st.t[-1] - st.t[0]
+
+    rows = []
+    for b in batches:
+        prompts = prompts_of(b, args.prompt_len)
+        t0 = time.perf_counter()
+        ours(prompts, n_new)
+        compile_s = time.perf_counter() - t0
+        if hf is not None:
+            theirs(prompts, 2)  # warm-up
+        # Interleaved repeats, so both sides see the same (shared, noisy) machine.
+        t = {"e2e": [], "dec": [], "h_e2e": [], "h_dec": []}
+        for _ in range(repeats):
+            t["e2e"].append(median_time(lambda: ours(prompts, n_new), 1))
+            t["dec"].append(ours_decode_time(prompts, n_new))
+            if hf is not None:
+                t["h_e2e"].append(median_time(lambda: theirs(prompts, n_new), 1))
+                t["h_dec"].append(theirs_decode_time(prompts, n_new))
+        med = {key: statistics.median(v) for key, v in t.items() if v}
+        r = dict(batch=b, compile=compile_s, ours_dec=b * (n_new - 1) / med["dec"], ours_e2e=b * n_new / med["e2e"])
+        if hf is not None:
+            r.update(hf_dec=b * (n_new - 1) / med["h_dec"], hf_e2e=b * n_new / med["h_e2e"])
+        rows.append(r)
+        print(f"  batch {b}: done", file=sys.stderr, flush=True)
+
+    print("\n## Decode throughput, greedy (tokens/s, all rows together)")
+    print("| batch | ours decode | HF decode | ratio | ours end-to-end | HF end-to-end | ratio | our compile s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        hd, he = r.get("hf_dec"), r.get("hf_e2e")
+        f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        ratio = lambda a, c: "-" if c is None else f"{a / c:.2f}x"  # noqa: E731
+        print(f"| {r['batch']} | {r['ours_dec']:.1f} | {f(hd)} | {ratio(r['ours_dec'], hd)} | {r['ours_e2e']:.1f} | "
+              f"{f(he)} | {ratio(r['ours_e2e'], he)} | {r['compile']:.1f} |")
+
+    # Prefix sharing: K continuations of one long prefix.
+    k = 8
+    prefix = prompts_of(1, args.prefix_len)[0]
+    sp = rollout.SamplingParams.paper(max_new_tokens=n_new, min_new_tokens=n_new)
+    for fn in (lambda: ours([prefix], n_new, k=k, sp=sp), lambda: ours([prefix] * k, n_new, sp=sp),
+               lambda: ours([prefix], n_new, sp=sp)):
+        fn()  # compile
+    t_shared = median_time(lambda: ours([prefix], n_new, k=k, sp=sp), repeats)
+    t_indep = median_time(lambda: ours([prefix] * k, n_new, sp=sp), repeats)
+    t_one = median_time(lambda: ours([prefix], n_new, sp=sp), repeats)
+    print(f"\n## Prefix sharing: prefix {args.prefix_len} tokens, {n_new} new tokens, paper sampling preset")
+    print("| run | rows | seconds | new tokens/s | vs 8 independent |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| K=1 (one continuation) | 1 | {t_one:.2f} | {n_new / t_one:.1f} | - |")
+    print(f"| K=8 shared prefix (num_continuations=8) | 8 | {t_shared:.2f} | {k * n_new / t_shared:.1f} | "
+          f"{t_indep / t_shared:.2f}x |")
+    print(f"| 8 independent copies of the prefix | 8 | {t_indep:.2f} | {k * n_new / t_indep:.1f} | 1.00x |")
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("\nllama.cpp: skipped (the `llama_cpp` package is not importable here; installing "
+              "llama-cpp-python needs a 6-12 minute source build, see shared/MODELS.md)")
+    else:
+        print("\nllama.cpp: `llama_cpp` is importable but this benchmark does not drive it yet (skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

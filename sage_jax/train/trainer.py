@@ -261,7 +261,7 @@ def load_trained(run_dir: str | Path, step: int | None = None):
     lora = from_dict(LoraConfig, run["lora"]) if run.get("lora") else None
     optim = from_dict(steps.OptimConfig, run["optim"])
     tx = steps.make_optimizer(optim, 1)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this host's own device
     base = None
     if lora is None:
         shapes = param_shapes(model_cfg)

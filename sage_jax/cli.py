@@ -29,16 +29,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loop(args: argparse.Namespace) -> int:
-    import json
-
-    from sage_jax.config import config_from_args
-    from sage_jax.loop import LoopConfig, run_loop
-
-    print(json.dumps(run_loop(config_from_args(LoopConfig, args)), indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage-jax", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sage-jax {__version__}")
@@ -51,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
     fetch.set_defaults(func=_models_fetch)
 
-    from sage_jax.config import add_config_args
+    from sage_jax.config import add_config_args, add_config_command
 
     demo = sub.add_parser("demo", help="the whole SAGE loop offline on the shipped sample, with a report",
                           description="SFT -> tree search -> DPO -> compare with the base model -> report.md. "
@@ -59,11 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a tiny random model: about a minute")
     add_config_args(demo)
     demo.set_defaults(func=_demo)
-    loop = sub.add_parser("loop", help="m1 -> search -> m2 -> m3 -> DPO, resumable, with lineage",
-                          description="Fields of LoopConfig (sage_jax/loop.py) as key=value, e.g. "
-                                      "base_model=smollm2 rounds=2 sft.max_steps=100 search.num_seeds=64")
-    add_config_args(loop)
-    loop.set_defaults(func=_loop)
+    add_config_command(sub, "loop", "sage_jax.loop:LoopConfig:run_loop",
+                       help="m1 -> search -> m2 -> m3 -> DPO, resumable, with lineage",
+                       description="Fields of LoopConfig (sage_jax/loop.py) as key=value, e.g. "
+                                   "base_model=smollm2 rounds=2 sft.max_steps=100 search.num_seeds=64")
 
     from sage_jax.data.cli import register as register_data
     from sage_jax.eval.cli import register as register_eval

@@ -306,3 +306,33 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """``load_config(cls, args.config, args.overrides)``."""
     return load_config(cls, args.config, args.overrides or ())
+
+
+def add_config_command(subparsers, name: str, target: str, *, help: str, description: str = "",
+                       show: str | None = None) -> argparse.ArgumentParser:
+    """A CLI subcommand ``NAME [--config YAML] key=value ...`` that resolves a config and runs it.
+
+    ``target`` is ``"module:ConfigClass:function"`` and ``show`` an optional ``"module:function"``
+    formatting the result (default: JSON). Both are imported only when the command runs, so
+    ``sage-jax --help`` stays fast.
+    """
+    import importlib
+
+    p = subparsers.add_parser(name, help=help, description=description or help)
+    add_config_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        mod, cls, fn = target.split(":")
+        m = importlib.import_module(mod)
+        result = getattr(m, fn)(config_from_args(getattr(m, cls), args))
+        if show:
+            smod, sfn = show.split(":")
+            print(getattr(importlib.import_module(smod), sfn)(result))
+        else:
+            import json
+
+            print(json.dumps(result, indent=2, default=str))
+        return 0
+
+    p.set_defaults(func=run)
+    return p

@@ -22,7 +22,7 @@ from sage_jax.config import to_dict
 from sage_jax.rollout.tree import SearchConfig, run_search
 from sage_jax.train.dpo import DPORunConfig, run_dpo
 from sage_jax.train.sft import SFTConfig, run_sft
-from sage_jax.train.trainer import ModelSpec, load_trained
+from sage_jax.train.trainer import load_trained
 
 
 def _sample_files() -> tuple[str, ...]:
@@ -114,7 +114,8 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = lambda m: print(m, fi
         parent = m["model"]
 
         def dpo_fn():
-            c = dataclasses.replace(cfg.dpo_run, model=ModelSpec(path=parent), train_files=(s["pairs"],),
+            c = dataclasses.replace(cfg.dpo_run, model=dataclasses.replace(cfg.dpo_run.model, path=parent),
+                                    train_files=(s["pairs"],),
                                     output_dir=str(out / "dpo"))
             summary = run_dpo(c)
             hf = export_model(out / "dpo", out / "dpo_hf")

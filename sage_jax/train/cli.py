@@ -6,25 +6,8 @@ import argparse
 import json
 
 
-def _sft(args: argparse.Namespace) -> int:
-    from sage_jax.config import config_from_args
-    from sage_jax.train.sft import SFTConfig, run_sft
-
-    summary = run_sft(config_from_args(SFTConfig, args))
-    print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=2))
-    return 0
-
-
-def register(sub) -> None:
-    from sage_jax.config import add_config_args
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on SAC data (LoRA by default)",
-                       description="Fields of SFTConfig (sage_jax/train/sft.py) as key=value, e.g. "
-                                   "train_files=[data.jsonl] max_steps=100 lora.rank=16 lora=null")
-    add_config_args(p)
-    p.set_defaults(func=_sft)
-    register_dpo(sub)
-    register_export(sub)
+def summary_without_evals(summary: dict) -> str:
+    return json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=2)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -40,28 +23,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_export(sub) -> None:
+def register(sub) -> None:
+    from sage_jax.config import add_config_command
+
+    show = "sage_jax.train.cli:summary_without_evals"
+    add_config_command(sub, "sft", "sage_jax.train.sft:SFTConfig:run_sft", show=show,
+                       help="supervised fine-tuning on SAC data (LoRA by default)",
+                       description="Fields of SFTConfig (sage_jax/train/sft.py) as key=value, e.g. "
+                                   "train_files=[data.jsonl] max_steps=100 lora.rank=16 lora=null")
+    add_config_command(sub, "dpo", "sage_jax.train.dpo:DPORunConfig:run_dpo", show=show,
+                       help="DPO (+ftx SFT term) on preference pairs (LoRA by default)",
+                       description="Fields of DPORunConfig (sage_jax/train/dpo.py) as key=value, e.g. "
+                                   "train_files=[pairs.jsonl] model.path=runs/m3_hf dpo.beta=0.1")
     p = sub.add_parser("export-hf", help="export a training run's checkpoint (LoRA merged) to an HF directory")
     p.add_argument("run_dir", help="the output_dir of a sft/dpo run")
     p.add_argument("-o", "--output", required=True, help="HF directory to write")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=_export)
-
-
-def _dpo(args: argparse.Namespace) -> int:
-    from sage_jax.config import config_from_args
-    from sage_jax.train.dpo import DPORunConfig, run_dpo
-
-    summary = run_dpo(config_from_args(DPORunConfig, args))
-    print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=2))
-    return 0
-
-
-def register_dpo(sub) -> None:
-    from sage_jax.config import add_config_args
-
-    p = sub.add_parser("dpo", help="DPO (+ftx SFT term) on preference pairs (LoRA by default)",
-                       description="Fields of DPORunConfig (sage_jax/train/dpo.py) as key=value, e.g. "
-                                   "train_files=[pairs.jsonl] model.path=runs/m3_hf dpo.beta=0.1")
-    add_config_args(p)
-    p.set_defaults(func=_dpo)

@@ -20,44 +20,27 @@ import grain
 import jax
 import numpy as np
 
-from sage_jax import parallel
 from sage_jax.config import to_dict
 from sage_jax.data.pairs import PreferencePair, last_turn_only, read_pairs
 from sage_jax.data.tokenize import encode_dialogue
 from sage_jax.model import num_params
-from sage_jax.model.lora import LoraConfig
 from sage_jax.train import steps
 from sage_jax.train.losses import DPOConfig
-from sage_jax.train.sft import split_eval
-from sage_jax.train.trainer import ModelSpec, init_train_state, prepare_run, to_global, train_loop
+from sage_jax.train.sft import TrainRunConfig, split_eval
+from sage_jax.train.trainer import init_train_state, prepare_run, to_global, train_loop
 
 ROW = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
-class DPORunConfig:
-    model: ModelSpec = ModelSpec()
-    train_files: tuple[str, ...] = ()
-    eval_files: tuple[str, ...] = ()
-    eval_fraction: float = 0.01
-    template: str | None = None
+class DPORunConfig(TrainRunConfig):
+    """DPO on preference pairs (`train_files`: pairs JSONL); the paper's DPO recipe as defaults."""
+
     output_dir: str = "runs/dpo"
     seq_len: int = 4096
     batch_size: int = 64  # global pairs per optimizer step (8 per device x 8 devices in the paper)
-    epochs: float = 3.0
-    max_steps: int | None = None
     dpo: DPOConfig = DPOConfig()
     optim: steps.OptimConfig = steps.OptimConfig(learning_rate=1e-5, warmup_steps=20)
-    lora: LoraConfig | None = LoraConfig()
-    mesh: parallel.MeshConfig = parallel.MeshConfig()
-    eval_every: int = 100
-    save_every: int = 100
-    keep: int = 3
-    log_every: int = 1
-    seed: int = 0
-    vocab_chunk: int = 8192
-    tensorboard: bool = True
-    strict_data: bool = False
 
 
 def _row(dialogue, tokenizer, template, seq_len, latent_tokens) -> dict | None:

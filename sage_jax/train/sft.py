@@ -30,7 +30,9 @@ from sage_jax.train.trainer import ModelSpec, init_train_state, prepare_run, to_
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
+class TrainRunConfig:
+    """What every training run (sft, dpo) is configured by; defaults are the paper's SFT recipe."""
+
     model: ModelSpec = ModelSpec()
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()  # empty: hold out eval_fraction of the training dialogues
@@ -52,6 +54,11 @@ class SFTConfig:
     vocab_chunk: int = 8192
     tensorboard: bool = True
     strict_data: bool = False  # stop at the first malformed record instead of skipping it
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(TrainRunConfig):
+    """SFT on SAC dialogues (`train_files`: SAC JSONL)."""
 
 
 def latent_chars(content: str) -> int:

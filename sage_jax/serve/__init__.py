@@ -1,0 +1,10 @@
+"""Serving: an OpenAI-compatible HTTP server (`sage-jax serve`) and a terminal chat (`sage-jax chat`).
+
+    from sage_jax.serve import make_server
+    srv = make_server(policy, "127.0.0.1", 0, max_batch=8, max_queue=64).start()
+    srv.url   # http://127.0.0.1:PORT/v1 -> openai.OpenAI(base_url=srv.url, api_key="x")
+"""
+
+from sage_jax.serve.server import ApiError, BatchWorker, ChatRequest, Overloaded, SageServer, make_server
+
+__all__ = ["ApiError", "BatchWorker", "ChatRequest", "Overloaded", "SageServer", "make_server"]

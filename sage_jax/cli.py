@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sage_jax.eval.cli import register as register_eval
     from sage_jax.judge.cli import register as register_judge
     from sage_jax.rollout.cli import register as register_rollout
+    from sage_jax.serve.cli import register as register_serve
     from sage_jax.train.cli import register as register_train
 
     register_data(sub)
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(sub)
     register_rollout(sub)
     register_eval(sub)
+    register_serve(sub)
     return parser
 
 

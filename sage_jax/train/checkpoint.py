@@ -226,7 +226,8 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 0, got {save_every}")
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
-        self.directory = epath.Path(directory)
+        # Orbax (tensorstore/OCDBT) needs absolute paths; keep remote URLs (gs://...) as they are.
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         self.save_every = int(save_every)
         self.keep = keep
         self.async_save = bool(async_save)

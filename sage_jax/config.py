@@ -55,14 +55,19 @@ def _construct_map(loader, node):
 _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 
 
-def _read_yaml(path: Path) -> _LineDict:
+def load_yaml_lines(path: Path, what: str = "config file") -> Any:
+    """YAML (or JSON) whose mappings remember each key's line, for errors naming file:line."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_LineLoader)
+            return yaml.load(f, Loader=_LineLoader)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from e
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
+
+
+def _read_yaml(path: Path) -> _LineDict:
+    data = load_yaml_lines(path)
     if data is None:
         return _LineDict()
     if not isinstance(data, dict):

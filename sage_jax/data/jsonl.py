@@ -231,11 +231,12 @@ def write_sac(path: str | os.PathLike, dialogues: Iterable[Dialogue | Mapping], 
         return w.write_all(dialogues)
 
 
-def done_ids(path: str | os.PathLike) -> set[str]:
-    """Ids already in a JSONL output (to skip finished items on restart); unreadable lines are ignored."""
-    path, ids = Path(path), set()
+def read_records(path: str | os.PathLike) -> dict[str, dict]:
+    """The records of a JSONL output keyed by their "id" (the last one wins), to resume a stage;
+    unreadable lines (a line torn by a kill) are ignored: JsonlWriter repairs them on append."""
+    path, recs = Path(path), {}
     if not path.exists():
-        return ids
+        return recs
     with open(path, "rb") as f:
         for raw in f:
             try:
@@ -243,5 +244,10 @@ def done_ids(path: str | os.PathLike) -> set[str]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-                ids.add(obj["id"])
-    return ids
+                recs[obj["id"]] = obj
+    return recs
+
+
+def done_ids(path: str | os.PathLike) -> set[str]:
+    """Ids already in a JSONL output (to skip finished items on restart)."""
+    return set(read_records(path))

@@ -26,9 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from sage_jax.config import ConfigError, from_dict
+from sage_jax.config import ConfigError, _LineDict, from_dict, load_yaml_lines
 from sage_jax.data.jsonl import ReadReport, iter_sac
 from sage_jax.sac import Dialogue, Schema, Turn, check_dialogue
 
@@ -57,35 +56,10 @@ class MixSpec:
     sources: dict[str, MixSource]
 
 
-class _LineDict(dict):
-    """A mapping that remembers the YAML line of each key (read by ``sage_jax.config`` for errors)."""
-
-    def __init__(self, items=(), lines=None):
-        super().__init__(items)
-        self.lines = dict(lines or {})
-
-
-class _LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_map(loader, node):
-    data = loader.construct_mapping(node, deep=True)
-    return _LineDict(data, {loader.construct_object(k, deep=True): k.start_mark.line + 1 for k, _ in node.value})
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-
-
 def load_mix_spec(path: str | os.PathLike) -> dict[str, MixSource]:
     """Read and validate a mix spec; errors name the file, line and field."""
     path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read mix spec: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML/JSON: {e}") from e
+    data = load_yaml_lines(path, "mix spec")
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: a mix spec is a non-empty mapping {{source_name: {{path, size, prompt}}}}")
     spec = from_dict(MixSpec, _LineDict({"sources": data}, {"sources": 1}), source=str(path))

@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_jax.data.jsonl import read_records
+
 __all__ = [
     "Question", "load_questions", "default_data_dir", "build_prompt", "parse_answer", "answer_problem",
     "scaled_difference", "question_score", "BenchmarkScore", "benchmark_score", "ResultsFileScore",
@@ -374,26 +376,11 @@ class EQBenchResult:
         return d
 
 
-def _read_records(path: Path) -> dict[str, dict]:
-    recs: dict[str, dict] = {}
-    if not path.exists():
-        return recs
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue  # a torn last line (JsonlWriter repairs it on append)
-            if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-                recs[obj["id"]] = obj
-    return recs
-
-
 def score_run_file(path: str | os.PathLike, questions: Mapping[str, Question] | None = None, *,
                    d5_sigmoid: bool | None = None, total: int | None = None) -> BenchmarkScore:
     """Benchmark score of a per-item JSONL written by :func:`run_eq_bench` (rescored from its answers
     when ``questions`` is given, else from the stored per-item scores)."""
-    recs = _read_records(Path(path))
+    recs = read_records(Path(path))
     if not recs:
         raise ValueError(f"{path}: no EQ-Bench items")
     scores = []
@@ -430,7 +417,7 @@ def run_eq_bench(backend: Any, output: str | os.PathLike, cfg: EQBenchConfig = E
     qs = dict(questions) if questions is not None else load_questions(cfg.questions)
     items = list(qs.values())[: cfg.limit] if cfg.limit is not None else list(qs.values())
     out = Path(output)
-    done = _read_records(out)
+    done = read_records(out)
     todo = [q for q in items if q.id not in done]
     chat = make_chat_backend(backend, **backend_options) if todo else None
     name = chat.name if chat is not None else next((r.get("model", "") for r in done.values()), "")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sage_jax.data.jsonl import read_records
 from sage_jax.eval.eq_bench import default_data_dir
 
 __all__ = [
@@ -394,20 +395,6 @@ def _pending_pairs(questions, answers, turns, done, prefix=""):
     return items
 
 
-def _done_ids(path: Path) -> dict[str, dict]:
-    recs: dict[str, dict] = {}
-    if path.exists():
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue
-                if isinstance(obj, dict) and isinstance(obj.get("id"), str):
-                    recs[obj["id"]] = obj
-    return recs
-
-
 def judge_single(judge: Any, questions: Sequence[MTQuestion], answers: Mapping[str, Any],
                  prompts: Mapping[str, JudgePrompt], output: str | os.PathLike, *, model: str = "",
                  turns: Sequence[int] = (1, 2), tries: int = 2, seed: int = 0, batch_size: int = 32,
@@ -421,7 +408,7 @@ def judge_single(judge: Any, questions: Sequence[MTQuestion], answers: Mapping[s
     from sage_jax.eval.generation import make_chat_backend
 
     out = Path(output)
-    done = _done_ids(out)
+    done = read_records(out)
     todo = _pending_pairs(questions, answers, turns, done)
     if todo:
         judge = make_chat_backend(judge)
@@ -469,7 +456,7 @@ def judge_pairwise(judge: Any, questions: Sequence[MTQuestion], answers: Mapping
     from sage_jax.eval.generation import make_chat_backend
 
     out = Path(output)
-    done = _done_ids(out)
+    done = read_records(out)
     todo = _pending_pairs(questions, answers, turns, done)
     if todo:
         judge = make_chat_backend(judge)

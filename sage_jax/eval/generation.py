@@ -214,20 +214,28 @@ class OpenAIChat:
 
     def chat(self, conversations, *, temperature=0.0, max_tokens: int = 256, seed: int = 0,
              row_seeds: Sequence[int] | None = None) -> list[Completion]:
-        convs = _check_conversations(conversations)
-        temps = _temperatures(temperature, len(convs))
-        out: list[Completion | None] = [None] * len(convs)
-        by_temp: dict[float, list[int]] = {}
-        for i, t in enumerate(temps):
-            by_temp.setdefault(t, []).append(i)
-        for t, idx in by_temp.items():
-            prompts = [_CHAT_MARK + json.dumps(convs[i], ensure_ascii=False) for i in idx]
-            for i, c in zip(idx, self.judge.complete(prompts, temperature=t, max_tokens=max_tokens, seed=seed)):
-                out[i] = c
-        return out  # type: ignore[return-value]
+        return _complete_by_temperature(self.judge, conversations, temperature, max_tokens, seed,
+                                        lambda conv: _CHAT_MARK + json.dumps(conv, ensure_ascii=False))
 
     def close(self) -> None:
         self.judge.close()
+
+
+def _complete_by_temperature(judge, conversations, temperature, max_tokens: int, seed: int,
+                             to_prompt) -> list[Completion]:
+    """One judge call per distinct temperature; `to_prompt` turns a conversation into the prompt
+    string the judge takes. Results come back in the conversations' order."""
+    convs = _check_conversations(conversations)
+    temps = _temperatures(temperature, len(convs))
+    out: list[Completion | None] = [None] * len(convs)
+    by_temp: dict[float, list[int]] = {}
+    for i, t in enumerate(temps):
+        by_temp.setdefault(t, []).append(i)
+    for t, idx in by_temp.items():
+        prompts = [to_prompt(convs[i]) for i in idx]
+        for i, c in zip(idx, judge.complete(prompts, temperature=t, max_tokens=max_tokens, seed=seed)):
+            out[i] = c
+    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- any Judge: one string per call
@@ -240,17 +248,7 @@ class JudgeChat:
 
     def chat(self, conversations, *, temperature=0.0, max_tokens: int = 256, seed: int = 0,
              row_seeds: Sequence[int] | None = None) -> list[Completion]:
-        convs = _check_conversations(conversations)
-        temps = _temperatures(temperature, len(convs))
-        out: list[Completion | None] = [None] * len(convs)
-        by_temp: dict[float, list[int]] = {}
-        for i, t in enumerate(temps):
-            by_temp.setdefault(t, []).append(i)
-        for t, idx in by_temp.items():
-            prompts = [flatten_messages(convs[i]) for i in idx]
-            for i, c in zip(idx, self.judge.complete(prompts, temperature=t, max_tokens=max_tokens, seed=seed)):
-                out[i] = c
-        return out  # type: ignore[return-value]
+        return _complete_by_temperature(self.judge, conversations, temperature, max_tokens, seed, flatten_messages)
 
     def close(self) -> None:
         close = getattr(self.judge, "close", None)

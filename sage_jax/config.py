@@ -100,7 +100,8 @@ def _dataclass_of(tp):
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
-def _convert(tp, v, path: str, src: str, line: int | None, strict: bool = False):
+def _convert(tp, v, path: str, src: str, line: int | None, strict: bool = False, base: Any = None):
+    """``v`` as ``tp``; a mapping for a dataclass section starts from ``base`` (the parent's default) if given."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad():
@@ -113,13 +114,13 @@ def _convert(tp, v, path: str, src: str, line: int | None, strict: bool = False)
             return v
         if not isinstance(v, Mapping):
             bad()
-        return _build(tp, v, path, src, line)
+        return _build(tp, v, path, src, line, base if isinstance(base, tp) else None)
     if origin in (Union, types.UnionType):
         if v is None and _NoneType in args:
             return None
         arms = [a for a in args if a is not _NoneType]
         if len(arms) == 1 and not isinstance(v, (str, int, float)):  # keep nested errors precise
-            return _convert(arms[0], v, path, src, line, strict)
+            return _convert(arms[0], v, path, src, line, strict, base)
         for s in (True,) if strict else (True, False):  # exact type match first, then coercions
             for a in arms:
                 try:
@@ -168,7 +169,21 @@ def _convert(tp, v, path: str, src: str, line: int | None, strict: bool = False)
     raise TypeError(f"unsupported config field type {tp!r} at {path}")
 
 
-def _build(cls, data: Mapping, path: str, src: str, line: int | None):
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _build(cls, data: Mapping, path: str, src: str, line: int | None, base: Any = None):
+    """``cls`` from ``data``; fields not in ``data`` come from ``base`` (an instance) or the field defaults.
+
+    A nested section given as a mapping starts from the parent's default of that section (``base``'s
+    value, else the field's default / default_factory result), not from the nested class's defaults:
+    ``round_sft.max_steps=100`` keeps the ``epochs`` that LoopConfig set for ``round_sft``.
+    """
     hints, lines = _hints(cls), getattr(data, "lines", {})
     for k in data:
         if k not in hints:
@@ -181,7 +196,12 @@ def _build(cls, data: Mapping, path: str, src: str, line: int | None):
             continue
         p = f"{path}.{f.name}" if path else f.name
         if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], p, src, lines.get(f.name, line))
+            v, parent = data[f.name], None
+            if isinstance(v, Mapping) and _dataclass_of(hints[f.name]) is not None:
+                parent = getattr(base, f.name) if base is not None else _field_default(f)
+            kwargs[f.name] = _convert(hints[f.name], v, p, src, lines.get(f.name, line), base=parent)
+        elif base is not None:
+            kwargs[f.name] = getattr(base, f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             _fail(src, line, p, f"missing required field of type {_tname(hints[f.name])}")
     try:

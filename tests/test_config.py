@@ -307,3 +307,71 @@ def test_cli_helpers(tmp_path):
     cfg = config_from_args(Cfg, args)
     assert cfg.model.num_layers == 4 and cfg.train.lr == 1e-3 and cfg.mesh.shape == (2, 4)
     assert config_from_args(Cfg, parser.parse_args([])) == Cfg()
+
+
+# ---------------------------------------------------------------- nested overrides keep the parent's defaults
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    a: int = 1
+    b: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Mid:
+    x: int = 10
+    leaf: Leaf = field(default_factory=Leaf)
+    maybe: Leaf | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Top:
+    plain: Mid = field(default_factory=Mid)  # the nested class's own defaults
+    tuned: Mid = field(default_factory=lambda: Mid(x=20, leaf=Leaf(a=2, b=1.0)))  # parent defaults differ
+    inst: Mid = Mid(x=30, leaf=Leaf(b=0.5), maybe=Leaf(a=7))  # an instance as the default
+    opt: Mid | None = field(default_factory=lambda: Mid(x=40))
+    none: Mid | None = None
+
+
+def test_cli_override_of_one_nested_field_keeps_parent_defaults():
+    cfg = load_config(Top, None, ["tuned.x=21"])
+    assert cfg.tuned == Mid(x=21, leaf=Leaf(a=2, b=1.0))
+    cfg = load_config(Top, None, ["tuned.leaf.a=5"])  # two levels deep
+    assert cfg.tuned == Mid(x=20, leaf=Leaf(a=5, b=1.0))
+    cfg = load_config(Top, None, ["inst.leaf.a=9", "inst.maybe.b=2.5", "opt.leaf.b=4.0"])
+    assert cfg.inst == Mid(x=30, leaf=Leaf(a=9, b=0.5), maybe=Leaf(a=7, b=2.5))
+    assert cfg.opt == Mid(x=40, leaf=Leaf(b=4.0))
+    assert cfg.plain == Mid() and cfg.tuned == Top().tuned and cfg.none is None
+    cfg = load_config(Top, None, ["none.x=1", "plain.maybe.a=3"])  # None defaults: the nested class's defaults
+    assert cfg.none == Mid(x=1) and cfg.plain.maybe == Leaf(a=3)
+
+
+def test_yaml_nested_block_keeps_parent_defaults(tmp_path):
+    path = write(tmp_path, "tuned:\n  x: 22\ninst:\n  leaf:\n    a: 8\nopt:\n  maybe: {a: 4}\n")
+    cfg = load_config(Top, path)
+    assert cfg.tuned == Mid(x=22, leaf=Leaf(a=2, b=1.0))
+    assert cfg.inst == Mid(x=30, leaf=Leaf(a=8, b=0.5), maybe=Leaf(a=7))
+    assert cfg.opt == Mid(x=40, maybe=Leaf(a=4))
+    # YAML then an override of the same section: both start from the parent's defaults
+    cfg = load_config(Top, path, ["tuned.leaf.b=9.0"])
+    assert cfg.tuned == Mid(x=22, leaf=Leaf(a=2, b=9.0))
+    assert from_dict(Top, {"tuned": {"leaf": {"b": 0.0}}}).tuned == Mid(x=20, leaf=Leaf(a=2, b=0.0))
+
+
+def test_null_and_whole_section_replacement_still_work(tmp_path):
+    cfg = load_config(Top, None, ["opt=null"])
+    assert cfg.opt is None
+    cfg = load_config(Top, write(tmp_path, "opt: null\ninst:\n  maybe: null\n"))
+    assert cfg.opt is None and cfg.inst.maybe is None and cfg.inst.leaf == Leaf(b=0.5)
+    cfg = load_config(Top, None, ["tuned={x: 1, leaf: {a: 0, b: 0.0}}", "inst.maybe=null"])
+    assert cfg.tuned == Mid(x=1, leaf=Leaf(a=0, b=0.0)) and cfg.inst.maybe is None
+    assert from_dict(Top, {"tuned": Mid()}).tuned == Mid()  # an instance replaces the section as is
+    assert apply_overrides(Top(), ["tuned.x=5"]).tuned == Mid(x=5, leaf=Leaf(a=2, b=1.0))
+
+
+def test_loop_round_sft_override_keeps_loop_default_epochs(tmp_path):
+    from sage_jax.loop import LoopConfig
+
+    assert LoopConfig().round_sft.epochs == 1.0
+    assert load_config(LoopConfig, None, ["round_sft.max_steps=100"]).round_sft.epochs == 1.0
+    cfg = load_config(LoopConfig, write(tmp_path, "round_sft:\n  max_steps: 100\n"))
+    assert cfg.round_sft.epochs == 1.0 and cfg.round_sft.max_steps == 100

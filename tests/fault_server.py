@@ -18,6 +18,9 @@ saw with the same key. Whether attempt n of a key is faulted, and how, is a pure
 * ``slow``: the answer comes after ``slow_delay`` seconds (longer than the client's timeout);
 * ``garbage``: a 200 whose text is no valid verdict (prose, an out-of-range response, empty).
 
+Only by ``script``: ``badjson`` (a 200 whose body is not JSON) and ``nocontent`` (a 200 whose
+message content is null): malformed responses.
+
 Honest answers come from ``answer(prompt)`` (default: the ``rules:`` judge, so best-of-K,
 pairwise and annotation prompts all get well-formed answers). ``script(key, attempt, body)`` may
 force a fault (or ``"ok"``) for specific requests; ``"401-echo"`` answers 401 quoting the bearer key
@@ -216,15 +219,25 @@ class FaultServer:
             return
         if fault == "slow":
             time.sleep(self.slow_delay)
+        if fault == "badjson":
+            data = b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "Response 1 is be'
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
         prompt = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
         if fault == "garbage":
             n = int.from_bytes(hashlib.sha256(f"g|{key}|{attempt}".encode()).digest()[:2], "big")
             text = GARBAGE[n % len(GARBAGE)]
+        elif fault == "nocontent":
+            text = None
         else:
             text = self.answer(prompt)
         h._send(200, {"id": f"chatcmpl-{key[:12]}-{attempt}", "object": "chat.completion", "created": int(time.time()),
                       "model": body.get("model", ""),
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                    "finish_reason": "stop", "logprobs": None}],
-                      "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
-                                "total_tokens": len(prompt.split()) + len(text.split())}})
+                      "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len((text or "").split()),
+                                "total_tokens": len(prompt.split()) + len((text or "").split())}})

@@ -277,7 +277,7 @@ def test_cli_annotates_over_http_with_faults(sharegpt_json, tmp_path, monkeypatc
     out = tmp_path / "sac.jsonl"
     with FaultServer(seed=1, fault_rate=0.3, slow_delay=0.8, api_key="sk-annotate-secret") as srv:
         argv = ["annotate", str(sharegpt_json), "-o", str(out), "--judge", f"openai:annotator@{srv.url}",
-                "--cache-dir", str(tmp_path / "cache"), "--timeout", "0.4", "--backoff-base", "0.01",
+                "--cache-dir", str(tmp_path / "cache"), "--timeout", "0.4",
                 "--max-attempts", "8", "--max-concurrency", "4", "--tries", "4", "--no-progress"]
         assert _run_cli(argv) == 0
         assert sorted(d.id for d in read_sac(out)[0]) == ["c0", "c1", "c2", "c3", "c4"]

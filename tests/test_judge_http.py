@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from collections import defaultdict
@@ -18,14 +17,12 @@ from sage_jax import judge as J  # noqa: E402
 from sage_jax.judge.base import RetryPolicy  # noqa: E402
 
 TIMEOUT = 0.4  # client timeout (s); the server's slow fault waits longer
-FAST = RetryPolicy(max_attempts=8, backoff_base=0.01, backoff_max=0.05, max_retry_after=2.0)
+RETRY = RetryPolicy(max_attempts=8)  # the openai client's own backoff (0.5 s doubling) between attempts
 SECRET = "sk-test-SECRET-0123456789abcdef"
-HAVE_OPENAI = importlib.util.find_spec("openai") is not None
-TRANSPORTS = ["openai", "urllib"] if HAVE_OPENAI else ["urllib"]
 
 
-def _judge(srv, cache_dir=None, transport="auto", **kw):
-    opts = dict(timeout=TIMEOUT, retry=FAST, max_concurrency=16, api_key=SECRET, transport=transport)
+def _judge(srv, cache_dir=None, **kw):
+    opts = dict(timeout=TIMEOUT, retry=RETRY, max_concurrency=16, api_key=SECRET)
     opts.update(kw)
     return J.make_judge(f"openai:test-model@{srv.url}", cache_dir=cache_dir, **opts)
 
@@ -100,12 +97,10 @@ def test_best_of_k_200_items_with_faults_then_rerun_from_cache(tmp_path, caplog)
     assert SECRET not in caplog.text and all(SECRET not in str(r.args) for r in caplog.records)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_retry_after_is_honoured(tmp_path, transport):
+def test_retry_after_is_honoured(tmp_path):
     # every key: attempt 0 -> 429 with Retry-After: 1, then an honest answer
     with FaultServer(script=lambda key, attempt, body: "429-1" if attempt == 0 else "ok") as srv:
-        j = _judge(srv, transport=transport)
-        assert j.transport == transport
+        j = _judge(srv)
         out = j.complete([J.best_of_k_prompt([("user", "hi there")], ["Hey! How's your day going?", "no"])] * 1 +
                          [J.best_of_k_prompt([("user", "hello")], ["Hi! What's new with you today?", "no"])], seed=0)
         assert [c.text for c in out] == ["Response 1 is better"] * 2 and [c.attempts for c in out] == [2, 2]
@@ -114,20 +109,18 @@ def test_retry_after_is_honoured(tmp_path, transport):
         assert _check_retry_after_honoured(recs) == 2  # the gap the server saw is >= 1 s
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_timeouts_and_server_errors_are_retried(transport):
+def test_timeouts_and_server_errors_are_retried():
     faults = iter(["slow", "500", "503", "429-0"])
     with FaultServer(script=lambda key, attempt, body: next(faults, "ok"), slow_delay=TIMEOUT + 0.4) as srv:
-        j = _judge(srv, transport=transport, max_concurrency=1)
+        j = _judge(srv, max_concurrency=1)
         c = j.complete(["Say hi."], seed=0)[0]
         assert c.ok and c.attempts == 5 and j.stats.retries == 4
         assert [r.fault for r in srv.records] == ["slow", "500", "503", "429-0", None]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_bounded_attempts_end_in_a_recorded_failure(transport):
+def test_bounded_attempts_end_in_a_recorded_failure():
     with FaultServer(script=lambda key, attempt, body: "503") as srv:
-        j = _judge(srv, transport=transport, retry=RetryPolicy(max_attempts=3, backoff_base=0.01))
+        j = _judge(srv, retry=RetryPolicy(max_attempts=3))
         out = j.complete(["a", "b"], seed=0)
         assert all(not c.ok and "503" in c.error and "after 3 attempts" in c.error for c in out)
         assert srv.requests == 6
@@ -135,11 +128,10 @@ def test_bounded_attempts_end_in_a_recorded_failure(transport):
         assert sel.verdict.kind == "failure" and sel.tries == 2 and "call failed" in sel.errors[0]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_client_errors_are_not_retried_and_echoed_keys_are_redacted(tmp_path, caplog, transport):
+def test_client_errors_are_not_retried_and_echoed_keys_are_redacted(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     with FaultServer(api_key="the-right-key") as srv:
-        j = _judge(srv, tmp_path / "cache", transport=transport)
+        j = _judge(srv, tmp_path / "cache")
         c = j.complete(["hello"], seed=0)[0]
         assert not c.ok and c.attempts == 1 and "401" in c.error
         assert SECRET not in c.error and "***" in c.error  # the server quoted our key back
@@ -148,11 +140,27 @@ def test_client_errors_are_not_retried_and_echoed_keys_are_redacted(tmp_path, ca
     assert all(SECRET.encode() not in p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
 
 
+@pytest.mark.parametrize("fault", ["badjson", "nocontent"])
+def test_malformed_responses_are_recorded_then_re_asked_by_the_verdict_layer(fault):
+    # a 200 the client cannot use is no transport fault: no HTTP retry, a recorded failure ...
+    with FaultServer(script=lambda key, attempt, body: fault if attempt == 0 else "ok") as srv:
+        j = _judge(srv)
+        c = j.complete(["Say hi."], seed=0)[0]
+        assert not c.ok and "malformed" in c.error and c.attempts == 1 and srv.requests == 1
+        assert j.stats.retries == 0 and j.stats.failures == 1
+    # ... which select_best's re-ask (a new seed, so a new request) turns into a verdict
+    with FaultServer(script=lambda key, attempt, body: fault if body.get("seed") == 0 else "ok") as srv:
+        j = _judge(srv)
+        sel = J.select_best(j, [[("user", "hi there")]], [["Hey! How's your day going?", "no"]], tries=3, seed=0)[0]
+        assert sel.verdict.ok and sel.index == 0 and sel.tries == 2 and sel.failures == 1
+        assert [r.fault for r in srv.records] == [fault, None]
+
+
 def test_connection_refused_is_a_recorded_failure():
     srv = FaultServer().start()
     url = srv.url
     srv.stop()
-    j = J.make_judge(f"openai:m@{url}", timeout=TIMEOUT, retry=RetryPolicy(max_attempts=2, backoff_base=0.01))
+    j = J.make_judge(f"openai:m@{url}", timeout=TIMEOUT, retry=RetryPolicy(max_attempts=2))
     c = j.complete(["hi"])[0]
     assert not c.ok and "connection" in c.error.lower()
 

@@ -8,7 +8,7 @@
 
 * :mod:`~sage_jax.judge.base`: :class:`Completion`, :class:`Judge`, :func:`make_judge`, the
   completion cache, :class:`RetryPolicy`, the ``local:`` backend;
-* :mod:`~sage_jax.judge.openai_backend`: ``openai:`` over HTTP (timeouts, retries, concurrency);
+* :mod:`~sage_jax.judge.openai_backend`: ``openai:`` through the official client (timeouts, retries, concurrency);
 * :mod:`~sage_jax.judge.rules`: ``rules:v1``, the deterministic heuristic (offline default);
 * :mod:`~sage_jax.judge.prompts` / :mod:`~sage_jax.judge.verdicts`: prompts and strict verdict parsing;
 * :mod:`~sage_jax.judge.annotate`: whole-dialogue annotation and the ``sage-jax annotate`` stage.
@@ -19,8 +19,8 @@ No JAX import here (only ``local:`` loads it, lazily).
 from sage_jax.judge.annotate import (AnnotateReport, AnnotationError, AnnotationFailure, annotate_dialogues,
                                      annotate_file, iter_annotate, parse_annotation)
 from sage_jax.judge.base import (CachingJudge, Completion, CompletionCache, Judge, JudgeConfig, JudgeSpec,
-                                 JudgeStats, LocalJudge, RetryPolicy, default_cache_dir, make_judge,
-                                 parse_retry_after, parse_spec, redact)
+                                 JudgeStats, LocalJudge, RetryPolicy, default_cache_dir, make_judge, parse_spec,
+                                 redact)
 from sage_jax.judge.prompts import (COMPANION_RUBRIC, HUMOUR_RUBRIC, PAIRWISE_RUBRIC, annotation_prompt,
                                     best_of_k_prompt, pairwise_prompt, parse_prompt)
 from sage_jax.judge.rules import RulesJudge, score_reply
@@ -29,7 +29,7 @@ from sage_jax.judge.verdicts import (PairResult, Selection, Verdict, compare_dia
 
 __all__ = [
     "Completion", "Judge", "JudgeStats", "JudgeSpec", "JudgeConfig", "RetryPolicy", "CompletionCache",
-    "CachingJudge", "LocalJudge", "make_judge", "parse_spec", "parse_retry_after", "redact", "default_cache_dir",
+    "CachingJudge", "LocalJudge", "make_judge", "parse_spec", "redact", "default_cache_dir",
     "RulesJudge", "score_reply", "COMPANION_RUBRIC", "HUMOUR_RUBRIC", "PAIRWISE_RUBRIC", "best_of_k_prompt",
     "pairwise_prompt", "annotation_prompt", "parse_prompt", "Verdict", "parse_best_of_k", "parse_pairwise",
     "Selection", "select_best", "selection_summary", "compare_dialogues", "compare_with_swap", "PairResult",

@@ -23,12 +23,10 @@ prompt. The base URL is not part of the key (the same model behind a new port is
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import sqlite3
 import threading
@@ -39,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Completion", "Judge", "JudgeStats", "RetryPolicy", "CompletionCache", "CachingJudge", "JudgeSpec",
-           "JudgeConfig", "parse_spec", "make_judge", "parse_retry_after", "redact", "LocalJudge",
+           "JudgeConfig", "parse_spec", "make_judge", "redact", "LocalJudge",
            "default_cache_dir"]
 
 log = logging.getLogger("sage_jax.judge")
@@ -107,71 +105,19 @@ def redact(text: str, secrets: Sequence[str | None]) -> str:
 
 
 # ---------------------------------------------------------------- retry
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent/invalid."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        secs = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when is None:
-            return None
-        secs = when.timestamp() - (time.time() if now is None else now)
-    if secs != secs:  # NaN
-        return None
-    return max(0.0, secs)
-
-
-def retry_after_from_headers(headers: Mapping[str, str] | None) -> float | None:
-    """``retry-after-ms`` (OpenAI's) or ``Retry-After`` from response headers, in seconds."""
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("retry-after"))
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries: exponential backoff with full jitter, at least ``Retry-After`` when given.
+    """Bounded retries of the ``openai:`` backend: at most ``max_attempts`` HTTP attempts per request.
 
-    The wait before retry n (n = 1, 2, ...) is ``uniform(0, min(backoff_max, backoff_base * 2**(n-1)))``,
-    raised to the server's ``Retry-After`` (capped at ``max_retry_after``) when it sent one.
+    The official ``openai`` client does the retrying (``max_retries = max_attempts - 1``): its
+    exponential backoff with jitter, or the server's ``Retry-After`` / ``retry-after-ms`` when sent.
     """
 
     max_attempts: int = 6
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    max_retry_after: float = 60.0
 
     def __post_init__(self):
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.backoff_base < 0 or self.backoff_max < 0 or self.max_retry_after < 0:
-            raise ValueError("backoff_base, backoff_max and max_retry_after must be >= 0")
-
-    def delay(self, retry: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-        cap = min(self.backoff_max, self.backoff_base * (2 ** max(0, retry - 1)))
-        d = (rng or random).uniform(0.0, cap)
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.max_retry_after))
-        return d
-
-
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-
-
-def is_retryable_status(status: int) -> bool:
-    return status in RETRYABLE_STATUS or status >= 500
 
 
 # ---------------------------------------------------------------- cache
@@ -332,24 +278,19 @@ class JudgeConfig:
     spec: str = "rules:"
     cache_dir: str | None = None
     timeout: float = 60.0
-    max_attempts: int = 6
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    max_retry_after: float = 60.0
+    max_attempts: int = 6  # HTTP attempts per request (openai:), retried by the openai client
     max_concurrency: int = 8
 
     def make(self) -> Judge:
         return make_judge(self.spec, cache_dir=self.cache_dir, timeout=self.timeout,
-                          retry=RetryPolicy(self.max_attempts, self.backoff_base, self.backoff_max,
-                                            self.max_retry_after),
-                          max_concurrency=self.max_concurrency)
+                          retry=RetryPolicy(self.max_attempts), max_concurrency=self.max_concurrency)
 
 
 def make_judge(spec: str, *, cache_dir: str | os.PathLike | None = None, **options: Any) -> Judge:
     """A judge from a spec string (see the module docstring).
 
     ``options`` go to the backend: for ``openai:`` ``timeout``, ``retry`` (a :class:`RetryPolicy`),
-    ``max_concurrency``, ``api_key``, ``base_url``, ``system``, ``transport``, ``extra_body``,
+    ``max_concurrency``, ``api_key``, ``base_url``, ``system``, ``extra_body``,
     ``max_tokens_field``; for ``local:`` ``batch_size``. ``rules:`` takes none (and no cache).
     """
     s = parse_spec(spec)

@@ -23,8 +23,7 @@ def _annotate(args: argparse.Namespace) -> int:
         cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     if spec.kind == "openai":
         opts = dict(timeout=args.timeout, max_concurrency=args.max_concurrency,
-                    retry=RetryPolicy(max_attempts=args.max_attempts, backoff_base=args.backoff_base,
-                                      backoff_max=args.backoff_max))
+                    retry=RetryPolicy(max_attempts=args.max_attempts))
     judge = make_judge(args.judge, cache_dir=cache_dir, **opts)
     try:
         rep = annotate_file(args.input, args.output, judge, fmt=args.format, failures_path=args.failures,
@@ -66,8 +65,6 @@ def register_annotate(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=8, help="concurrent requests (openai:, default 8)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (openai:, default 60)")
     p.add_argument("--max-attempts", type=int, default=6, help="HTTP attempts per request (openai:, default 6)")
-    p.add_argument("--backoff-base", type=float, default=0.5, help="backoff base in seconds (default 0.5)")
-    p.add_argument("--backoff-max", type=float, default=30.0, help="backoff cap in seconds (default 30)")
     p.add_argument("--chunk-size", type=int, default=32, help="dialogues per batch written together (default 32)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="annotate at most N dialogues this run")
     p.add_argument("--no-example", action="store_true", help="no in-context example in the prompt")

@@ -1,151 +1,54 @@
 """``openai:`` — chat completions from any OpenAI-compatible server (OpenAI, vLLM, ``sage-jax serve``).
 
-Each prompt is one user message (optionally after a ``system`` message). Every call has a
-timeout; failures that may pass (429, 408/409/425, 5xx, timeouts, connection errors, a malformed
-response) are retried with exponential backoff and full jitter, waiting at least the server's
-``Retry-After`` (or ``retry-after-ms``), up to ``RetryPolicy.max_attempts`` attempts; others (400,
-401, 403, 404, 422) fail at once. Prompts run on a thread pool of ``max_concurrency`` workers.
-A call that still fails is a :class:`~sage_jax.judge.base.Completion` with ``error`` set.
+Each prompt is one user message (optionally after a ``system`` message), sent through the official
+``openai`` client (``openai.OpenAI(base_url=..., api_key=..., max_retries=..., timeout=...)``). The
+client owns the transport: every attempt has the ``timeout``; 408, 409, 429, 5xx, timeouts and
+connection errors are retried with its exponential backoff (0.5 s doubling up to 8 s, jitter),
+waiting the server's ``Retry-After`` / ``retry-after-ms`` instead when it sent one, up to
+``RetryPolicy.max_attempts`` attempts in all; other statuses (400, 401, 403, 404, 422) fail at
+once. Prompts run on a thread pool of ``max_concurrency`` workers sharing one client.
 
-Transport: the official ``openai`` client (``max_retries=0``: the retry loop is ours) when it is
-installed, else a small stdlib (``urllib``) client speaking the same protocol; force one with
-``transport="openai"`` or ``"urllib"``.
+A call that still fails, or a response with no text content (malformed), is a
+:class:`~sage_jax.judge.base.Completion` with ``error`` set; re-asking for it, like re-asking for an
+unparseable verdict, is the caller's (``select_best(..., tries=)``, ``annotate_dialogues(..., tries=)``).
 
-The API key is held by the transport only: it is not part of the judge's name, repr, cache key or
+The API key is held by the client only: it is not part of the judge's name, repr, cache key or
 cache rows, and it is redacted from every error message (servers sometimes echo it back).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
-import random
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sage_jax.judge.base import (CachingJudge, Completion, RetryPolicy, is_retryable_status, redact,
-                                 retry_after_from_headers)
+import openai
 
-__all__ = ["OpenAIJudge", "CallError", "DEFAULT_BASE_URL"]
+from sage_jax.judge.base import CachingJudge, Completion, RetryPolicy, redact
+
+__all__ = ["OpenAIJudge", "DEFAULT_BASE_URL"]
 
 log = logging.getLogger("sage_jax.judge")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_RETRY_COUNT_HEADER = "x-stainless-retry-count"  # set by the client on every attempt (0, 1, ...)
 
 
-class CallError(Exception):
-    """One failed HTTP attempt: ``retryable``, the HTTP ``status`` if any, the server's ``retry_after`` (s)."""
-
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.message, self.retryable, self.status, self.retry_after = message, retryable, status, retry_after
-
-
-def _content(data: Any) -> str:
-    """The text of a chat-completion response (dict or client object); CallError if it has none."""
+def _attempts(request: Any) -> int:
+    """HTTP attempts the client made for a call, read from its last request's retry-count header."""
     try:
-        choice = data["choices"][0] if isinstance(data, dict) else data.choices[0]
-        msg = choice["message"] if isinstance(choice, dict) else choice.message
-        text = msg.get("content") if isinstance(msg, dict) else msg.content
-    except (KeyError, IndexError, TypeError, AttributeError):
-        raise CallError("malformed response: no choices[0].message.content", retryable=True) from None
-    if not isinstance(text, str):
-        raise CallError("empty response: the message has no text content", retryable=True)
-    return text
+        return int(request.headers.get(_RETRY_COUNT_HEADER, 0)) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
 
 
-class _ClientTransport:
-    """The official ``openai`` client, no retries of its own."""
-
-    name = "openai"
-
-    def __init__(self, base_url: str, api_key: str, timeout: float):
-        import openai
-
-        self._o = openai
-        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
-
-    def chat(self, payload: dict[str, Any], timeout: float) -> str:
-        o = self._o
-        body = dict(payload)
-        extra = body.pop("extra_body", None)
-        try:
-            resp = self._client.chat.completions.create(**body, extra_body=extra, timeout=timeout)
-        except o.APITimeoutError:
-            raise CallError(f"timeout after {timeout:g}s", retryable=True) from None
-        except o.APIConnectionError as e:
-            raise CallError(f"connection error: {e}", retryable=True) from None
-        except o.APIStatusError as e:
-            headers = e.response.headers if e.response is not None else None
-            raise CallError(f"HTTP {e.status_code}: {e.message}", retryable=is_retryable_status(e.status_code),
-                            status=e.status_code, retry_after=retry_after_from_headers(headers)) from None
-        except o.OpenAIError as e:  # e.g. a response that does not validate
-            raise CallError(f"{type(e).__name__}: {e}", retryable=True) from None
-        return _content(resp)
-
-    def close(self) -> None:
-        self._client.close()
-
-
-class _UrllibTransport:
-    """Stdlib HTTP: POST ``{base_url}/chat/completions`` with a bearer key."""
-
-    name = "urllib"
-
-    def __init__(self, base_url: str, api_key: str, timeout: float):
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._key = api_key
-
-    def chat(self, payload: dict[str, Any], timeout: float) -> str:
-        body = dict(payload)
-        body.update(body.pop("extra_body", None) or {})
-        req = urllib.request.Request(self._url, data=json.dumps(body).encode("utf-8"), method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json",
-                                              "Authorization": f"Bearer {self._key}"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            try:
-                detail = e.read(500).decode("utf-8", "replace")
-            except Exception:  # noqa: BLE001
-                detail = ""
-            raise CallError(f"HTTP {e.code}: {detail or e.reason}", retryable=is_retryable_status(e.code),
-                            status=e.code, retry_after=retry_after_from_headers(e.headers)) from None
-        except (TimeoutError, socket.timeout):
-            raise CallError(f"timeout after {timeout:g}s", retryable=True) from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise CallError(f"timeout after {timeout:g}s", retryable=True) from None
-            raise CallError(f"connection error: {e.reason}", retryable=True) from None
-        except (http.client.HTTPException, OSError) as e:
-            raise CallError(f"connection error: {type(e).__name__}: {e}", retryable=True) from None
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CallError("malformed response: not JSON", retryable=True) from None
-        return _content(data)
-
-    def close(self) -> None:
-        pass
-
-
-def _make_transport(kind: str, base_url: str, api_key: str, timeout: float):
-    if kind not in ("auto", "openai", "urllib"):
-        raise ValueError(f"transport must be auto, openai or urllib, got {kind!r}")
-    if kind in ("auto", "openai"):
-        try:
-            return _ClientTransport(base_url, api_key, timeout)
-        except ImportError:
-            if kind == "openai":
-                raise ImportError("transport='openai' needs the openai package (pip install openai)") from None
-    return _UrllibTransport(base_url, api_key, timeout)
+def _content(resp: Any) -> str | None:
+    """The text of a chat completion, or None when the response has none (malformed or empty message)."""
+    try:
+        text = resp.choices[0].message.content
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return text if isinstance(text, str) else None
 
 
 class OpenAIJudge(CachingJudge):
@@ -156,8 +59,7 @@ class OpenAIJudge(CachingJudge):
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  cache_dir: str | os.PathLike | None = None, timeout: float = 60.0,
                  retry: RetryPolicy | None = None, max_concurrency: int = 8, system: str | None = None,
-                 transport: str = "auto", extra_body: dict[str, Any] | None = None,
-                 max_tokens_field: str = "max_tokens"):
+                 extra_body: dict[str, Any] | None = None, max_tokens_field: str = "max_tokens"):
         super().__init__(cache_dir)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -181,10 +83,8 @@ class OpenAIJudge(CachingJudge):
         self.system = system
         self.extra_body = dict(extra_body or {})
         self.max_tokens_field = max_tokens_field
-        self._rng = random.Random()
-        self._rng_lock = threading.Lock()
-        self._transport = _make_transport(transport, self.base_url, key, self.timeout)
-        self.transport = self._transport.name  # "openai" (the official client) or "urllib"
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout,
+                                     max_retries=self.retry.max_attempts - 1)
 
     # the system prompt and extra body change the answer: they are part of the cache key
     def _params(self, temperature, max_tokens, seed):
@@ -206,34 +106,34 @@ class OpenAIJudge(CachingJudge):
             payload["extra_body"] = dict(self.extra_body)
         return payload
 
-    def _delay(self, retry: int, retry_after: float | None) -> float:
-        with self._rng_lock:
-            return self.retry.delay(retry, retry_after, self._rng)
-
     def _call(self, prompt: str, params: dict[str, Any]) -> Completion:
+        """One client call (the client retries the transport); never raises."""
         payload = self._payload(prompt, params)
-        attempts = self.retry.max_attempts
-        err: CallError | None = None
-        for attempt in range(1, attempts + 1):
-            self.stats.add(requests=1)
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(**payload)
+            attempts = raw.retries_taken + 1
             try:
-                return Completion(self._transport.chat(payload, self.timeout), attempts=attempt)
-            except CallError as e:
-                err = e
-            except Exception as e:  # noqa: BLE001 - never let one call kill the batch
-                err = CallError(f"unexpected {type(e).__name__}: {e}", retryable=False)
-            msg = redact(err.message, self._secrets)
-            if not err.retryable or attempt == attempts:
-                break
-            wait = self._delay(attempt, err.retry_after)
-            log.info("%s: %s; retry %d/%d in %.2fs", self.name, msg, attempt, attempts - 1, wait)
-            self.stats.add(retries=1)
-            time.sleep(wait)
-        assert err is not None
-        why = redact(err.message, self._secrets)
-        tail = f" (after {attempt} attempts)" if err.retryable else ""
+                text = _content(raw.parse())
+                why = None if text is not None else "malformed response: no choices[0].message.content"
+            except (ValueError, openai.OpenAIError) as e:  # a 200 whose body is no JSON / does not validate
+                text, why = None, f"malformed response: {type(e).__name__}: {e}"
+        except openai.APITimeoutError as e:
+            attempts, text, why = _attempts(e.request), None, f"timeout after {self.timeout:g}s"
+        except openai.APIConnectionError as e:
+            attempts, text, why = _attempts(e.request), None, f"connection error: {e}"
+        except openai.APIStatusError as e:
+            attempts, text, why = _attempts(e.response.request), None, f"HTTP {e.status_code}: {e.message}"
+        except openai.OpenAIError as e:
+            attempts, text, why = 1, None, f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - never let one call kill the batch
+            attempts, text, why = 1, None, f"unexpected {type(e).__name__}: {e}"
+        self.stats.add(requests=attempts, retries=attempts - 1)
+        if text is not None:
+            return Completion(text, attempts=attempts)
+        why = redact(why, self._secrets)
+        tail = f" (after {attempts} attempts)" if attempts > 1 else ""
         log.warning("%s: call failed: %s%s", self.name, why, tail)
-        return Completion(None, error=f"{why}{tail}", attempts=attempt)
+        return Completion(None, error=f"{why}{tail}", attempts=attempts)
 
     def _generate(self, prompts, params, done):
         out: list[Completion | None] = [None] * len(prompts)
@@ -253,5 +153,5 @@ class OpenAIJudge(CachingJudge):
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._transport.close()
+        self._client.close()
         super().close()

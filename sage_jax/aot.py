@@ -1,19 +1,21 @@
 """Ahead-of-time check of the SFT train step for a target topology: does it shard, does it fit?
 
-    python -m sage_jax.parallel.aot --target v5litepod-16 model.path=mixtral-8x7b model.dtype=bfloat16 \
+    sage-jax aot target=v5litepod-16 model.path=mixtral-8x7b model.dtype=bfloat16 \
         model.param_dtype=bfloat16 model.remat=full batch_size=256 seq_len=2048
-    python -m sage_jax.parallel.aot --target v5p-64 --config sft.yaml --json aot.json
-    python -m sage_jax.parallel.aot --target v5litepod-16 --mode local --local-devices 16 model.path=smollm2
+    sage-jax aot --config sft.yaml target=v5p-64 json_out=aot.json
+    python -m sage_jax.aot target=v5litepod-16 mode=local local_devices=16 model.path=smollm2
 
-The config is the `sage-jax sft` config (`SFTConfig`: `--config run.yaml` and `key=value`
-overrides, so the sft_m1 experiment's YAML works as is). `model.path` is an HF directory (only
+The config (`AOTConfig`) is the `sage-jax sft` config (`SFTConfig`: `--config run.yaml` and
+`key=value` overrides, so the sft_m1 experiment's YAML works as is) plus `target`, `mode`,
+`headroom`, `local_devices` and `json_out`. This module sits above `train` (it compiles the
+train step); `parallel` below it knows nothing of the model. `model.path` is an HF directory (only
 its `config.json` is read, no weights) or a preset: smollm2 (SmolLM2-135M-Instruct), llama3-8b,
 mistral-7b, mixtral-8x7b (the paper's base model), qwen2.5-7b. Targets: `v4-N`, `v5p-N` (N
 TensorCores = 2 per chip), `v5litepod-N`/`v5e-N`, `v6e-N` (N chips), `h100-N` (N GPUs). The
 mesh is `mesh.*` of the config resolved for the target's chip count (default: all chips on
 `fsdp`); nothing is allocated for the model in any mode.
 
-What is checked, in order (`--mode`; `auto` = estimate + abstract + tpu when libtpu is installed):
+What is checked, in order (`mode`; `auto` = estimate + abstract + tpu when libtpu is installed):
 
 1. **Config vs topology** (always). The mesh shape against the chip count; `batch_size`
    divisible by hosts x `optim.grad_accum_steps` (as `run_sft` requires on the pod; hosts =
@@ -22,7 +24,7 @@ What is checked, in order (`--mode`; `auto` = estimate + abstract + tpu when lib
    over tensor=2, or micro-batch rows over data x fsdp, which would replicate the batch and
    every activation on all chips).
 2. **Memory estimate per device** (always, `estimate`). From the real shardings of the real
-   train-state pytree (the same `state_shardings`, `param_shardings`, `batch_shardings` that
+   train-state pytree (the same `state_shardings`, frozen-param and `batch_shardings` that
    `run_sft` uses, on an `AbstractMesh`): bytes per device of frozen params, trainable params,
    optimizer state (AdamW moments), gradients (accumulator + micro-batch gradient) and the batch,
    computed exactly from each array's shard shape; plus estimates of the FSDP all-gathered
@@ -30,7 +32,7 @@ What is checked, in order (`--mode`; `auto` = estimate + abstract + tpu when lib
    micro-batch for the `model.remat` setting (the layer inputs kept by the scan, the saved
    projections, and this model's plain attention, which materialises [T, T] scores in float32
    per head), and the chunked-vocabulary loss. Compared with the chip's HBM (v4 32 GiB, v5e
-   16 GiB, v5p 95 GiB, v6e 32 GiB, H100 80 GiB) minus `--headroom` (default 10%). Exit 1
+   16 GiB, v5p 95 GiB, v6e 32 GiB, H100 80 GiB) minus `headroom` (default 10%). Exit 1
    when it does not fit. The activation part is a formula, not XLA's buffer assignment. Against
    XLA's TPU compiler (libtpu 0.0.42, v5e, SmolLM2-135M and a 1024-wide 8-layer Llama, 1-2 rows
    of 1-2k tokens per chip) the whole estimate was within 6% with `model.remat=full`; with
@@ -59,7 +61,7 @@ What is checked, in order (`--mode`; `auto` = estimate + abstract + tpu when lib
    the pod would compile (same jax/libtpu versions assumed), minus runtime effects: memory
    fragmentation, host offload, and the input pipeline.
 5. **Compile on the local backend** (`local`). The same step on a real mesh of local devices
-   of the target's mesh shape (CPU: `--local-devices N` simulates N devices, set before JAX
+   of the target's mesh shape (CPU: `local_devices=N` simulates N devices, set before JAX
    starts; on a GPU host, its GPUs), then `memory_analysis()`. On CPU this checks that the
    partitioned program compiles and gives XLA:CPU's buffer sizes (a different compiler than
    the TPU's: indicative only, not used for the verdict); on a GPU host of the target kind it is
@@ -70,7 +72,8 @@ at hand (no CUDA compiler in a CPU-only jaxlib: only steps 1-3 apply), the runti
 collectives' bandwidth, the data pipeline, checkpoint I/O), and memory outside the step
 (evaluation, the reference model of DPO, rollouts).
 
-Exit status: 0 fits, 1 does not fit, 2 the config, the sharding or the lowering failed.
+Exit status: 0 fits, 1 does not fit, 2 the config, the sharding or the lowering failed
+(`sage-jax aot` exits 1 with `sage-jax: error: ...` on a config error, like every command).
 """
 
 from __future__ import annotations
@@ -93,14 +96,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
+from sage_jax import model, parallel
+from sage_jax.config import ConfigError, add_config_args, config_from_args
 from sage_jax.parallel.mesh import MESH_AXES
 from sage_jax.parallel.rules import DEFAULT_RULES
+from sage_jax.sac import DEFAULT_SCHEMA
+from sage_jax.train import steps
+from sage_jax.train.sft import SFTConfig
 
 __all__ = [
-    "AOTReport", "HBM_GIB", "MODEL_PRESETS", "MemoryEstimate", "Target", "abstract_mesh", "build_step",
+    "AOTConfig", "AOTReport", "HBM_GIB", "MODEL_PRESETS", "MemoryEstimate", "Target", "abstract_mesh", "build_step",
     "check", "compile_local", "compile_tpu", "estimate_memory", "lower_abstract", "main", "parse_target",
-    "StepPlan", "activation_bytes", "device_bytes", "resolve_model", "sharding_notes", "step_flops",
-    "tpu_compiler_available",
+    "StepPlan", "activation_bytes", "device_bytes", "format_report", "resolve_model", "run_aot", "sharding_notes",
+    "step_flops", "tpu_compiler_available",
 ]
 
 GiB = 1024**3
@@ -185,19 +193,17 @@ def parse_target(name: str) -> Target:
 def resolve_model(spec) -> Any:
     """The ModelConfig of a ModelSpec (a preset name or an HF directory's config.json), with its
     dtypes and remat, and the vocabulary grown for latent tokens as `run_sft` would."""
-    from sage_jax.model.config import ModelConfig
-    from sage_jax.sac import DEFAULT_SCHEMA
 
     kw = dict(param_dtype=spec.param_dtype, dtype=spec.dtype, remat=spec.remat)
     key = str(spec.path).lower()
     if key in MODEL_PRESETS:
-        cfg = ModelConfig(**MODEL_PRESETS[key], **kw)
+        cfg = model.ModelConfig(**MODEL_PRESETS[key], **kw)
     else:
         f = Path(spec.path) / "config.json"
         if not f.exists():
             raise FileNotFoundError(f"model.path={spec.path!r}: not a preset ({', '.join(sorted(MODEL_PRESETS))}) "
                                     f"and no {f}")
-        cfg = ModelConfig.from_hf(json.loads(f.read_text()), source=str(f), **kw)
+        cfg = model.ModelConfig.from_hf(json.loads(f.read_text()), source=str(f), **kw)
     if spec.latent_tokens:
         new = cfg.vocab_size + len(DEFAULT_SCHEMA.special_tokens())
         rows = -(-new // spec.vocab_multiple) * spec.vocab_multiple
@@ -230,22 +236,18 @@ def _with_sharding(abstract, shardings):
 def build_step(cfg, model_cfg, mesh, total_steps: int = 1000) -> StepPlan:
     """Exactly the step `run_sft` compiles (same StepSpec, optimizer, shardings, donation), with
     abstract arguments instead of arrays."""
-    from sage_jax import parallel
-    from sage_jax.model.lora import init_lora
-    from sage_jax.model.params import param_shapes
-    from sage_jax.train import steps
 
     spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
     tx = steps.make_optimizer(cfg.optim, total_steps)
     pdt = jnp.dtype(model_cfg.param_dtype)
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, pdt), param_shapes(model_cfg),
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, pdt), model.param_shapes(model_cfg),
                           is_leaf=lambda x: isinstance(x, tuple))
     frozen, f_shard = None, None
     if cfg.lora is None:
         trainable = params
     else:
-        trainable = jax.eval_shape(lambda: init_lora(model_cfg, cfg.lora, jax.random.key(0)))
-        f_shard = parallel.param_shardings(model_cfg, mesh)
+        trainable = jax.eval_shape(lambda: model.init_lora(model_cfg, cfg.lora, jax.random.key(0)))
+        f_shard = parallel.tree_shardings(model.param_axes(model_cfg), params, mesh)
         frozen = _with_sharding(params, f_shard)
     s_shard = steps.state_shardings(spec, tx, trainable, mesh)
     state = _with_sharding(jax.eval_shape(lambda t: steps.init_state(t, tx, jax.random.key(0)), trainable), s_shard)
@@ -358,8 +360,6 @@ def estimate_memory(plan: StepPlan, model_cfg, cfg) -> MemoryEstimate:
 # ---------------------------------------------------------------- config vs topology
 def sharding_notes(plan: StepPlan, model_cfg, cfg, target: Target) -> list[str]:
     """Problems the mesh has with this config (replicated dimensions, host divisibility)."""
-    from sage_jax.model.lora import lora_axes
-    from sage_jax.model.params import param_axes, param_shapes
 
     notes, mesh_shape = [], dict(plan.mesh.shape)
     accum = cfg.optim.grad_accum_steps
@@ -386,9 +386,9 @@ def sharding_notes(plan: StepPlan, model_cfg, cfg, target: Target) -> list[str]:
                         notes.append(f"WARNING {prefix}{key}: {name}={dim} is not divisible by {ax}={size}: "
                                      f"not sharded on {ax}")
 
-    walk(param_axes(model_cfg), param_shapes(model_cfg), "params/")
+    walk(model.param_axes(model_cfg), model.param_shapes(model_cfg), "params/")
     if cfg.lora is not None:
-        walk(lora_axes(model_cfg, cfg.lora), plan.state["params"], "lora/")
+        walk(model.lora_axes(model_cfg, cfg.lora), plan.state["params"], "lora/")
     return list(dict.fromkeys(notes))
 
 
@@ -605,7 +605,6 @@ Mode = Literal["auto", "estimate", "abstract", "tpu", "local"]
 
 def check(cfg, target: str | Target, *, mode: Mode = "auto", headroom: float = 0.1) -> AOTReport:
     """Run the checks of ``mode`` (see the module docstring) for an SFTConfig on a target."""
-    from sage_jax.model.params import param_shapes
 
     target = parse_target(target) if isinstance(target, str) else target
     model_cfg = resolve_model(cfg.model)
@@ -617,7 +616,7 @@ def check(cfg, target: str | Target, *, mode: Mode = "auto", headroom: float = 0
     shape = mesh_cfg.shape(target.chips)
     mesh = abstract_mesh(shape)
     plan = build_step(cfg, model_cfg, mesh)
-    n_params = int(sum(np.prod(s) for s in jax.tree.leaves(param_shapes(model_cfg),
+    n_params = int(sum(np.prod(s) for s in jax.tree.leaves(model.param_shapes(model_cfg),
                                                            is_leaf=lambda x: isinstance(x, tuple))))
     est = estimate_memory(plan, model_cfg, cfg)
     if model_cfg.remat != "full":
@@ -661,41 +660,55 @@ def check(cfg, target: str | Target, *, mode: Mode = "auto", headroom: float = 0
 
 
 # ---------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    from sage_jax.config import ConfigError, add_config_args, config_from_args
+@dataclasses.dataclass(frozen=True)
+class AOTConfig(SFTConfig):
+    """The SFT run to check (every `sage-jax sft` field) and where and how to check it."""
 
-    p = argparse.ArgumentParser(prog="python -m sage_jax.parallel.aot", description=__doc__.split("\n\n")[0],
-                                epilog="Overrides are SFTConfig fields (as for `sage-jax sft`). See the module "
-                                       "docstring for what each mode checks.")
-    p.add_argument("--target", required=True, help="v5litepod-16, v5e-16, v6e-8, v4-32, v5p-64, h100-8, ...")
-    p.add_argument("--mode", default="auto", choices=["auto", "estimate", "abstract", "tpu", "local"])
-    p.add_argument("--local-devices", type=int, default=None,
-                   help="simulate N CPU devices for --mode local (must come before JAX starts its backend)")
-    p.add_argument("--headroom", type=float, default=0.1, help="fraction of HBM kept free by the estimate's verdict")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    add_config_args(p)
-    args = p.parse_intermixed_args(argv)
-    if args.mode != "local" and not os.environ.get("JAX_PLATFORMS"):
+    target: str = ""  # v5litepod-16, v5e-16, v6e-8, v4-32, v5p-64, h100-8, ...
+    mode: Mode = "auto"
+    headroom: float = 0.1  # fraction of HBM kept free by the estimate's verdict
+    local_devices: int | None = None  # simulate N CPU devices for mode=local (before JAX starts its backend)
+    json_out: str | None = None  # also write the report as JSON here
+
+
+def run_aot(cfg: AOTConfig) -> AOTReport:
+    """`sage-jax aot`: the checks of `cfg.mode` for `cfg.target`; writes `cfg.json_out` if set."""
+    if not cfg.target:
+        raise ConfigError("target= is required (v5litepod-16, v5e-16, v6e-8, v4-32, v5p-64, h100-8, ...)")
+    if cfg.mode != "local" and not os.environ.get("JAX_PLATFORMS"):
         try:  # nothing here runs on a device: never take a TPU/GPU this host may have
             jax.config.update("jax_platforms", "cpu")
         except RuntimeError:
             pass
-    if args.local_devices:
+    if cfg.local_devices:
         try:
-            jax.config.update("jax_num_cpu_devices", args.local_devices)
+            jax.config.update("jax_num_cpu_devices", cfg.local_devices)
         except RuntimeError as e:
-            print(f"aot: --local-devices ignored: {e}", file=sys.stderr)
-    from sage_jax.train.sft import SFTConfig
+            print(f"aot: local_devices ignored: {e}", file=sys.stderr)
+    report = check(cfg, cfg.target, mode=cfg.mode, headroom=cfg.headroom)
+    if cfg.json_out:
+        Path(cfg.json_out).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    return report
 
+
+def format_report(report: AOTReport) -> str:
+    return report.table()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sage_jax.aot`: the same config as `sage-jax aot`; exit 0 fits, 1 not, 2 error."""
+    p = argparse.ArgumentParser(prog="python -m sage_jax.aot", description=__doc__.split("\n\n")[0],
+                                epilog="Overrides are AOTConfig fields: SFTConfig's (as for `sage-jax sft`) and "
+                                       "target, mode, headroom, local_devices, json_out. See the module docstring "
+                                       "for what each mode checks.")
+    add_config_args(p)
+    args = p.parse_args(argv)
     try:
-        cfg = config_from_args(SFTConfig, args)
-        report = check(cfg, args.target, mode=args.mode, headroom=args.headroom)
+        report = run_aot(config_from_args(AOTConfig, args))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"aot: {e}", file=sys.stderr)
         return 2
-    print(report.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    print(format_report(report))
     return report.exit_code
 
 

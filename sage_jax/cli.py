@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fields of LoopConfig (sage_jax/loop.py) as key=value, e.g. "
                                    "base_model=smollm2 rounds=2 sft.max_steps=100 search.num_seeds=64")
 
+    add_config_command(sub, "aot", "sage_jax.aot:AOTConfig:run_aot", show="sage_jax.aot:format_report",
+                       help="before paying for a pod: does the SFT step shard, compile and fit on a TPU/GPU target?",
+                       description="Fields of AOTConfig (sage_jax/aot.py): the sft config plus target=, mode=, "
+                                   "headroom=, local_devices=, json_out=; e.g. target=v5litepod-16 "
+                                   "model.path=mixtral-8x7b batch_size=256 seq_len=2048. Exit 0 fits, 1 does not.")
+
     from sage_jax.data.cli import register as register_data
     from sage_jax.eval.cli import register as register_eval
     from sage_jax.judge.cli import register as register_judge

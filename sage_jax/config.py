@@ -357,7 +357,7 @@ def add_config_command(subparsers, name: str, target: str, *, help: str, descrip
             import json
 
             print(json.dumps(result, indent=2, default=str))
-        return 0
+        return int(getattr(result, "exit_code", 0))  # a result may carry the command's exit status
 
     p.set_defaults(func=run)
     return p

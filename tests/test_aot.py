@@ -1,4 +1,4 @@
-"""AOT check (sage_jax.parallel.aot): targets, lowering on an abstract 16-chip mesh, the per-device
+"""AOT check (sage_jax.aot, `sage-jax aot`): targets, lowering on an abstract 16-chip mesh, the per-device
 memory table (exact bytes from shardings; fits / does not fit), a real compile on 8 simulated CPU
 devices, and — where libtpu is installed — a real XLA:TPU compile for a v5e-16 from this CPU host."""
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from sage_jax.config import apply_overrides
-from sage_jax.model.params import param_axes, param_shapes
-from sage_jax.parallel import aot
+from sage_jax import aot, cli
+from sage_jax.model import param_axes, param_shapes
 from sage_jax.train.sft import SFTConfig
 
 GiB = 1024**3
@@ -82,17 +82,21 @@ def test_memory_table_exact_bytes_and_fits_vs_does_not_fit(tiny_config, capsys):
     assert "verdict: FITS" in table and "HBM per chip (v5e)" in table and "16.000" in table
 
     # The paper's base model, fully fine-tuned in float32 on a v5e-16: nowhere near 16 GiB per chip.
-    code = aot.main(["--target", "v5litepod-16", "--mode", "estimate", "model.path=mixtral-8x7b", "lora=null",
-                     "batch_size=256", "seq_len=2048", "--json", str(tiny_config / "aot.json")])
+    code = aot.main(["target=v5litepod-16", "mode=estimate", "model.path=mixtral-8x7b", "lora=null",
+                     "batch_size=256", "seq_len=2048", f"json_out={tiny_config / 'aot.json'}"])
     out = capsys.readouterr().out
     assert code == 1 and "verdict: DOES NOT FIT" in out
     rep = json.loads((tiny_config / "aot.json").read_text())
     assert rep["fits"] is False and rep["num_params"] > 46e9 and rep["peak"] > 3 * 16 * GiB
     # ... while LoRA in bf16 with remat on a v5p-128 fits (params sharded 64 ways).
-    assert aot.main(["--target", "v5p-128", "--mode", "estimate", "model.path=mixtral-8x7b",
+    assert aot.main(["target=v5p-128", "mode=estimate", "model.path=mixtral-8x7b",
                      "model.param_dtype=bfloat16", "model.dtype=bfloat16", "model.remat=full", "batch_size=64",
                      "seq_len=2048"]) == 0
     assert "verdict: FITS" in capsys.readouterr().out
+    # `sage-jax aot` is the same command, with the same exit status.
+    assert cli.main(["aot", "target=v5litepod-16", "mode=estimate", "model.path=mixtral-8x7b", "lora=null",
+                     "batch_size=256", "seq_len=2048"]) == 1
+    assert "verdict: DOES NOT FIT" in capsys.readouterr().out
 
 
 def test_config_errors_and_sharding_warnings(tiny_config, capsys):
@@ -106,9 +110,11 @@ def test_config_errors_and_sharding_warnings(tiny_config, capsys):
                   "v5litepod-16", mode="estimate")
     assert not any("replicated on all" in n for n in r.notes)  # data x fsdp = 2 divides 8 rows
     assert any("params/layers/q_proj: heads=4 is not divisible by tensor=8" in n for n in r.notes)
-    assert aot.main(["--target", "v5litepod-16", f"model.path={tiny_config}", "mesh.fsdp=32"]) == 2  # 32 != 16 chips
+    assert aot.main(["target=v5litepod-16", f"model.path={tiny_config}", "mesh.fsdp=32"]) == 2  # 32 != 16 chips
     assert "needs 32 devices" in capsys.readouterr().err
-    assert aot.main(["--target", "v5litepod-16", "model.path=/no/such/model"]) == 2
+    assert aot.main(["target=v5litepod-16", "model.path=/no/such/model"]) == 2
+    assert aot.main([f"model.path={tiny_config}"]) == 2
+    assert "target= is required" in capsys.readouterr().err
 
 
 def test_compile_on_8_simulated_cpu_devices_gives_memory_analysis(tiny_config):

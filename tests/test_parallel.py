@@ -33,8 +33,8 @@ def test_sharded_forward_equals_single_device(name):
     ref, _ = model.forward(cfg, params, tokens)  # unsharded: everything on device 0
 
     mesh = parallel.make_mesh(mesh_cfg)
-    p_shard = parallel.param_shardings(cfg, mesh)
-    sharded = parallel.shard_params(cfg, params, mesh)
+    p_shard = parallel.tree_shardings(model.param_axes(cfg), params, mesh)
+    sharded = parallel.shard_params(model.param_axes(cfg), params, mesh)
     batch = parallel.shard_batch(tokens, mesh)
     step = jax.jit(lambda p, t: model.forward(cfg, p, t)[0], in_shardings=(p_shard, batch.sharding))
     out = step(sharded, batch)
@@ -57,11 +57,11 @@ def test_kv_cache_sharded_decode_matches():
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(4, 6), dtype=np.int32)
     ref, _ = model.forward(cfg, params, tokens)
     cache = model.init_cache(cfg, 4, 8)
-    c_shard = parallel.cache_shardings(cache, mesh)
+    c_shard = parallel.tree_shardings(model.CACHE_AXES, cache, mesh)
     cache = jax.device_put(cache, c_shard)
     step = jax.jit(lambda p, t, c: model.forward(cfg, p, t, cache=c), donate_argnums=2,
                    out_shardings=(None, c_shard))
-    p = parallel.shard_params(cfg, params, mesh)
+    p = parallel.shard_params(model.param_axes(cfg), params, mesh)
     logits, cache = step(p, tokens[:, :5], cache)
     last, cache = step(p, tokens[:, 5:], cache)
     np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(ref[:, 5]), atol=TOL)

@@ -1,9 +1,11 @@
 """Logical axis names -> mesh axes: the one rule table, and the helpers that apply it.
 
-Every parameter (sage_jax.model.param_axes), cache and batch array carries logical axis names;
-this table alone decides how they are laid out on the mesh. The default is FSDP (ZeRO-3 style:
-parameters sharded over `fsdp`, batch over `data` x `fsdp`) plus Megatron tensor parallelism over
-`tensor` (heads, mlp, vocab) and expert parallelism over `expert`.
+Every parameter, cache and batch array carries logical axis names; this table alone decides how
+they are laid out on the mesh. Nothing here knows the model: callers pass the logical-axes tree
+(`model.param_axes(cfg)`, `model.lora_axes(...)`, `model.CACHE_AXES`) with the arrays or shapes.
+The default is FSDP (ZeRO-3 style: parameters sharded over `fsdp`, batch over `data` x `fsdp`)
+plus Megatron tensor parallelism over `tensor` (heads, mlp, vocab) and expert parallelism over
+`expert`.
 """
 
 from __future__ import annotations
@@ -90,21 +92,19 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules = 
     return jax.tree.map(one, axes_tree, shapes_tree, is_leaf=_is_axes)
 
 
+def shard_params(axes: Any, params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Place (or re-lay) `params` on the mesh per the rules, given their logical-axes tree (e.g.
+    `model.param_axes(cfg)` or `model.lora_axes(cfg, lora)`)."""
+    return jax.tree.map(jax.device_put, params, tree_shardings(axes, params, mesh, rules))
+
+
 def param_shardings(cfg, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Deprecated: pass the axes tree to `tree_shardings` instead. Kept only for
+    train/steps.shard_frozen until it does; the one model import left in parallel/
+    (tests/test_layers.py lists it as a known exception that must go)."""
     from sage_jax.model.params import param_axes, param_shapes
 
     return tree_shardings(param_axes(cfg), param_shapes(cfg), mesh, rules)
-
-
-def shard_params(cfg, params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """Place (or re-lay) the params on the mesh per the rules."""
-    return jax.tree.map(jax.device_put, params, param_shardings(cfg, mesh, rules))
-
-
-def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    from sage_jax.model.transformer import CACHE_AXES
-
-    return tree_shardings(CACHE_AXES, cache, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...], rules: Rules = DEFAULT_RULES) -> NamedSharding:

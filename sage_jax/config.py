@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,8 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "to_yaml", "apply_overrides", "load_config",
-           "add_config_args", "config_from_args"]
+           "add_config_args", "config_from_args", "add_config_command", "config_fields", "config_help",
+           "resolve_command_config"]
 
 T = TypeVar("T")
 _NoneType = type(None)
@@ -77,8 +79,12 @@ def _read_yaml(path: Path) -> _LineDict:
 
 # ---------------------------------------------------------------- validation / conversion
 def _tname(tp) -> str:
+    if tp is _NoneType:
+        return "None"
     if typing.get_origin(tp) is None and isinstance(tp, type):
         return tp.__name__
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_tname(a) for a in typing.get_args(tp))
     return repr(tp).replace("typing.", "")
 
 
@@ -224,16 +230,17 @@ def to_dict(cfg) -> dict:
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"to_dict expects a dataclass instance, got {type(cfg).__name__}")
 
-    def plain(v):
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, Mapping):
-            return {k: plain(x) for k, x in v.items()}
-        return v
+    return _plain(cfg)
 
-    return plain(cfg)
+
+def _plain(v):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def to_yaml(cfg) -> str:
@@ -251,7 +258,8 @@ def _paths(cls, prefix: str = "", depth: int = 0) -> list[str]:
     return out
 
 
-def _override_type(cls, key: str, ov: str):
+def _override_type(cls, key: str, ov: str, what: str | None = None):
+    what = what or f"override {ov!r}"
     tp, parts = cls, key.split(".")
     for i, part in enumerate(parts):
         if (dc := _dataclass_of(tp)) is not None:
@@ -262,13 +270,51 @@ def _override_type(cls, key: str, ov: str):
                           and difflib.get_close_matches(parts[-1], [p.rsplit(".", 1)[-1]], cutoff=0.8)]
                 hint = (f"did you mean {', '.join(close[:5])}?" if close
                         else f"valid keys{' under ' + '.'.join(parts[:i]) if i else ''}: {', '.join(hints)}")
-                raise ConfigError(f"override {ov!r}: unknown key {key!r}; {hint}")
+                raise ConfigError(f"{what}: unknown key {key!r}; {hint}")
             tp = hints[part]
         elif tp is Any or tp is dict or typing.get_origin(tp) is dict:
             tp = (typing.get_args(tp) or (Any, Any))[1]
         else:
-            raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i])} is {_tname(tp)}, not a section")
+            raise ConfigError(f"{what}: {'.'.join(parts[:i])} is {_tname(tp)}, not a section")
     return tp
+
+
+def _set(cls, data: dict, key: str, raw: Any, what: str, *, raw_first: bool = False) -> None:
+    """Validate ``raw`` (text, a list of texts or a value) for the field ``key`` and write it into ``data``.
+
+    Text is tried YAML-parsed and as is (``raw_first``: as is first, for command-line flags).
+    """
+    tp = _override_type(cls, key, "", what)
+    if isinstance(raw, str):
+        try:
+            parsed = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            parsed = raw
+    elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+        parsed = []
+        for x in raw:
+            try:
+                parsed.append(yaml.safe_load(x))
+            except yaml.YAMLError:
+                parsed.append(x)
+    else:
+        parsed = raw
+    first, second = (raw, parsed) if raw_first else (parsed, raw)
+    try:
+        value = _convert(tp, first, key, what, None)
+    except ConfigError as err:
+        try:  # e.g. name=123 or name=null for a str field: keep the raw text
+            value = _convert(tp, second, key, what, None)
+        except ConfigError:
+            raise err from None
+    *parents, last = key.split(".")
+    node = data
+    for p in parents:  # copy the path so YAML aliases are not mutated
+        child = node.get(p)
+        node[p] = child = _LineDict(child, getattr(child, "lines", None)) if isinstance(child, Mapping) else {}
+        node = child
+    node[last] = value
+    getattr(node, "lines", {}).pop(last, None)
 
 
 def _apply(cls, data: dict, overrides: Sequence[str]) -> None:
@@ -280,26 +326,7 @@ def _apply(cls, data: dict, overrides: Sequence[str]) -> None:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"malformed override {ov!r}: expected key=value, e.g. model.num_layers=4")
-        tp, src = _override_type(cls, key, ov), f"override {ov!r}"
-        try:
-            parsed = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            parsed = raw
-        try:
-            value = _convert(tp, parsed, key, src, None)
-        except ConfigError as err:
-            try:  # e.g. name=123 or name=null for a str field: keep the raw text
-                value = _convert(tp, raw, key, src, None)
-            except ConfigError:
-                raise err from None
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:  # copy the path so YAML aliases are not mutated
-            child = node.get(p)
-            node[p] = child = _LineDict(child, getattr(child, "lines", None)) if isinstance(child, Mapping) else {}
-            node = child
-        node[last] = value
-        getattr(node, "lines", {}).pop(last, None)
+        _set(cls, data, key, raw, f"override {ov!r}")
 
 
 def apply_overrides(cls_or_cfg, overrides: Sequence[str]):
@@ -333,31 +360,240 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return load_config(cls, args.config, args.overrides or ())
 
 
-def add_config_command(subparsers, name: str, target: str, *, help: str, description: str = "",
-                       show: str | None = None) -> argparse.ArgumentParser:
-    """A CLI subcommand ``NAME [--config YAML] key=value ...`` that resolves a config and runs it.
+_OVERRIDE_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
-    ``target`` is ``"module:ConfigClass:function"`` and ``show`` an optional ``"module:function"``
-    formatting the result (default: JSON). Both are imported only when the command runs, so
-    ``sage-jax --help`` stays fast.
+
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    options: tuple[str, ...]  # e.g. ("-o", "--output")
+    field: str  # dotted config path
+    kind: str  # "value" | "list" | "true" | "false"
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        long = [o for o in self.options if o.startswith("--")] or list(self.options)
+        return long[0].lstrip("-").replace("-", "_")
+
+
+def _parse_flags(flags: Mapping[str, str] | None) -> list[_Flag]:
+    out = []
+    for opts, spec in (flags or {}).items():
+        field, _, metavar = spec.partition(" ")
+        kind = "value"
+        if field[:1] in "+!":
+            kind, field = ("true" if field[0] == "+" else "false"), field[1:]
+        elif field.endswith("*"):
+            kind, field = "list", field[:-1]
+        out.append(_Flag(tuple(opts.replace("/", " ").split()), field, kind, metavar or None))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandSpec:
+    """How a config command's command line maps onto its config dataclass (see add_config_command)."""
+
+    target: str  # "module:ConfigClass:function"
+    example: str | None = None  # arguments after the command, e.g. "max_steps=100 lora.rank=16"
+    positionals: tuple[str, ...] = ()  # config fields filled by plain (non key=value) arguments, in order
+    flags: tuple[_Flag, ...] = ()
+
+    def config_class(self) -> type:
+        import importlib
+
+        mod, cls, _ = self.target.split(":")
+        return getattr(importlib.import_module(mod), cls)
+
+
+def _flow(v: Any) -> str:
+    """A value as one line of YAML (what a ``key=value`` override takes)."""
+    text = yaml.safe_dump(_plain(v), default_flow_style=True, width=10**9, sort_keys=False).strip()
+    return text.removesuffix("...").rstrip()
+
+
+def config_fields(cls, inst: Any = dataclasses.MISSING, prefix: str = "", depth: int = 0) -> list[tuple[str, str, Any]]:
+    """``(dotted path, type name, default)`` of every field, nested sections included (``MISSING``: required).
+
+    Defaults are the resolved ones: a section's fields show the parent's default of that section
+    (LoopConfig's ``round_sft.epochs`` is 1.0), falling back to the nested class's own defaults when
+    the section defaults to None.
     """
-    import importlib
+    if inst is dataclasses.MISSING:
+        try:
+            inst = cls()
+        except Exception:  # required fields: per-field defaults below
+            inst = None
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = _hints(cls)[f.name]
+        val = getattr(inst, f.name) if inst is not None else _field_default(f)
+        out.append((prefix + f.name, _tname(tp), val))
+        if (sub := _dataclass_of(tp)) is not None and depth < 8:
+            out += config_fields(sub, val if isinstance(val, sub) else dataclasses.MISSING,
+                                 f"{prefix}{f.name}.", depth + 1)
+    return out
 
-    p = subparsers.add_parser(name, help=help, description=description or help)
-    add_config_args(p)
 
-    def run(args: argparse.Namespace) -> int:
-        mod, cls, fn = target.split(":")
-        m = importlib.import_module(mod)
-        result = getattr(m, fn)(config_from_args(getattr(m, cls), args))
-        if show:
-            smod, sfn = show.split(":")
-            print(getattr(importlib.import_module(smod), sfn)(result))
+def _default_example(cls) -> str:
+    import shlex
+
+    for path, _, val in config_fields(cls):  # the first top-level scalar that needs no shell quoting
+        if "." not in path and isinstance(val, (bool, int, float, str)) and val != "":
+            if shlex.quote(text := f"{path}={_flow(val)}") == text:
+                return text
+    return ""
+
+
+def config_help(cls, *, prog: str = "", example: str | None = None, positionals: Sequence[str] = (),
+                flags: Sequence[_Flag] = ()) -> str:
+    """The config part of a command's ``--help``: every field (dotted), its type and default, and an example."""
+    aliases: dict[str, list[str]] = {}
+    for i, name in enumerate(positionals):
+        aliases.setdefault(name, []).append(f"argument {i + 1}")
+    for fl in flags:
+        aliases.setdefault(fl.field, []).append("/".join(fl.options)
+                                                + {"true": " (=true)", "false": " (=false)"}.get(fl.kind, ""))
+    import shutil
+    import textwrap
+
+    intro = (f"config: {cls.__name__} ({cls.__module__}). Resolved as: field defaults <- --config FILE.yaml "
+             "<- arguments and flags <- KEY=VALUE overrides (dotted for nested sections; values are YAML). "
+             "--print-config prints the resolved config as YAML and exits.")
+    width = max(40, min(shutil.get_terminal_size().columns, 100) - 2)
+    lines = [textwrap.fill(intro, width), "", "fields (type = default):"]
+    for path, tname, val in config_fields(cls):
+        if val is dataclasses.MISSING:
+            shown = "(required)"
+        elif dataclasses.is_dataclass(val) and not isinstance(val, type):
+            shown = "(section)"
         else:
-            import json
+            shown = _flow(val)
+        extra = f"  [{', '.join(aliases[path])}]" if path in aliases else ""
+        lines.append(f"  {path}: {tname} = {shown}{extra}")
+    example = _default_example(cls) if example is None else example
+    lines += ["", "example:", f"  {prog} {example}".rstrip()]
+    return "\n".join(lines) + "\n"
 
-            print(json.dumps(result, indent=2, default=str))
-        return int(getattr(result, "exit_code", 0))  # a result may carry the command's exit status
 
-    p.set_defaults(func=run)
+class _ConfigParser(argparse.ArgumentParser):
+    """The parser of one config command: lazy field help, key=value tokens accepted between flags."""
+
+    config_spec: CommandSpec | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        rest = []
+        for e in extras:  # "IN -o OUT key=value": argparse leaves the late positionals over
+            if e.startswith("-") or not hasattr(ns, "overrides"):
+                rest.append(e)
+            else:
+                ns.overrides = [*(ns.overrides or []), e]
+        return ns, rest
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        spec = self.config_spec
+        if spec is None:
+            return text
+        try:
+            cls = spec.config_class()
+        except Exception as e:  # noqa: BLE001  (help must still print)
+            return text + f"\n(config fields unavailable: {type(e).__name__}: {e})\n"
+        return text + "\n" + config_help(cls, prog=self.prog, example=spec.example,
+                                          positionals=spec.positionals, flags=spec.flags)
+
+
+def resolve_command_config(cls: type[T], args: argparse.Namespace, spec: CommandSpec | None = None) -> T:
+    """The config of a command line: defaults <- ``--config`` YAML <- arguments and flags <- ``key=value``."""
+    spec = spec or CommandSpec(target="")
+    path = getattr(args, "config", None)
+    data = _read_yaml(Path(path)) if path is not None else {}
+    tokens = [v for name in spec.positionals if (v := getattr(args, f"arg_{name}", None)) is not None]
+    tokens += list(getattr(args, "overrides", None) or ())
+    plain = [t for t in tokens if not _OVERRIDE_TOKEN.match(t)]
+    overrides = [t for t in tokens if _OVERRIDE_TOKEN.match(t)]
+    if len(plain) > len(spec.positionals):
+        raise ConfigError(f"unexpected argument {plain[len(spec.positionals)]!r}: give config fields as key=value"
+                          + (f" (positional: {', '.join(spec.positionals)})" if spec.positionals else ""))
+    for name, tok in zip(spec.positionals, plain):
+        _set(cls, data, name, tok, f"argument {tok!r} ({name})", raw_first=True)
+    for fl in spec.flags:
+        v = getattr(args, fl.dest, None)
+        if v is not None:
+            _set(cls, data, fl.field, v, f"{'/'.join(fl.options)} {v!r}", raw_first=True)
+    _apply(cls, data, overrides)
+    return from_dict(cls, data, source=str(path) if path is not None else "<command line>")
+
+
+def _run_target(spec: CommandSpec, show: str | None, args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    mod, cname, fn = spec.target.split(":")
+    m = importlib.import_module(mod)
+    cfg = resolve_command_config(getattr(m, cname), args, spec)
+    if getattr(args, "print_config", False):
+        print(to_yaml(cfg), end="")
+        return 0
+    result = getattr(m, fn)(cfg)
+    if isinstance(result, int) and not isinstance(result, bool):
+        return result  # the function's own exit code (it printed what it had to)
+    if show:
+        smod, sfn = show.split(":")
+        print(getattr(importlib.import_module(smod), sfn)(result))
+    elif result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return int(getattr(result, "exit_code", 0))  # a result may carry the command's exit status
+
+
+def add_config_command(subparsers, name: str, target: str, *, help: str, description: str = "",
+                       show: str | None = None, example: str | None = None, positionals: Sequence[str] = (),
+                       flags: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """A CLI subcommand ``NAME [--config YAML] [--print-config] key=value ...`` that resolves a config and runs it.
+
+    ``target`` is ``"module:ConfigClass:function"``: the function takes the config and returns an exit
+    code (int: it printed its own output), None, or a result printed as JSON, or by ``show``
+    (``"module:function"`` formatting the result); a result's ``exit_code`` attribute is the exit status. Both are
+    imported only when the command runs (or its ``--help`` is shown), so ``sage-jax --help`` stays fast.
+
+    ``--help`` lists every field of the config with its type and default (nested sections dotted)
+    and ``example`` (the arguments after the command; default: one field's default as an override).
+
+    Shorthands, each only another way to write an override: ``positionals`` names the fields that
+    plain (not ``key=value``) arguments fill, in order (``"input IN"``: field ``input``, shown as ``IN``;
+    ``annotate x.json`` is ``input=x.json``); ``flags``
+    maps option strings to fields: ``{"-o --output": "output"}`` takes a value,
+    ``"+strict"`` sets a bool field true, ``"!progress"`` sets it false, ``"files*"`` takes one or
+    more values (a list field); a metavar may follow the field after a space (``"output OUT.jsonl"``).
+    Precedence: field defaults <- ``--config`` <- positionals and flags <- ``key=value`` overrides.
+    """
+    pos = [p.split() for p in positionals]  # "input IN": field input, shown as IN
+    spec = CommandSpec(target=target, example=example, positionals=tuple(p[0] for p in pos),
+                       flags=tuple(_parse_flags(flags)))
+    old = getattr(subparsers, "_parser_class", None)
+    subparsers._parser_class = _ConfigParser  # argparse builds subparsers with this class
+    try:
+        p = subparsers.add_parser(name, help=help, description=description or help)
+    finally:
+        subparsers._parser_class = old
+    p.config_spec = spec
+    p.add_argument("--config", metavar="FILE.yaml", default=None, help="YAML config file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for fl in spec.flags:
+        kw: dict[str, Any] = {"dest": fl.dest, "default": None}
+        if fl.kind in ("true", "false"):
+            kw.update(action="store_const", const=fl.kind == "true", help=f"{fl.field}={fl.kind}")
+        else:
+            meta = fl.metavar or fl.field.rsplit(".", 1)[-1].upper()
+            kw.update(metavar=meta, help=f"{fl.field}={meta}")
+            if fl.kind == "list":
+                kw["nargs"] = "+"
+        p.add_argument(*fl.options, **kw)
+    for field, *meta in pos:
+        m = meta[0] if meta else field.upper()
+        p.add_argument(f"arg_{field}", nargs="?", default=None, metavar=m, help=f"{field}={m}")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (fields below)")
+    p.set_defaults(func=functools.partial(_run_target, spec, show))
     return p

@@ -23,12 +23,18 @@ def test_parse_pin():
 def test_register_adds_serve_and_chat():
     from sage_jax.serve.cli import register
 
+    from sage_jax.config import resolve_command_config
+    from sage_jax.serve.chat import ChatConfig
+    from sage_jax.serve.cli import ServeConfig
+
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="command"))
     a = p.parse_args(["serve", "--model", "m", "--port", "0", "--max-batch", "4", "--max-queue", "2"])
-    assert (a.model, a.port, a.max_batch, a.max_queue, a.host) == ("m", 0, 4, 2, "127.0.0.1")
-    a = p.parse_args(["chat", "--model", "m", "--max-new-tokens", "5", "--temperature", "0"])
-    assert (a.model, a.max_new_tokens, a.temperature) == ("m", 5, 0.0)
+    spec = a.func.args[0]  # the command's CommandSpec: flags are shorthands for config fields
+    assert resolve_command_config(ServeConfig, a, spec) == ServeConfig(model="m", port=0, max_batch=4, max_queue=2)
+    a = p.parse_args(["chat", "--model", "m", "--max-new-tokens", "5", "--temperature", "0", "top_p=0.5"])
+    assert resolve_command_config(ChatConfig, a, a.func.args[0]) == ChatConfig(
+        model="m", max_new_tokens=5, temperature=0.0, top_p=0.5)
 
 
 def test_chat_subprocess(tiny_dir):

@@ -43,13 +43,24 @@ def ed_line(conv_id, roles=("speaker", "listener")):
         {"role": r, "text": f"t{i}", "ei_auto_label": "neutral"} for i, r in enumerate(roles)]})
 
 
-def test_register_adds_data_and_mix():
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    assert parser.parse_args(["data", "convert", "-f", "ed", "in", "-o", "out"]).func.__name__ == "_convert"
-    assert parser.parse_args(["mix", "spec.yaml", "-o", "o", "--seed", "3", "--blend"]).blend
-    with pytest.raises(SystemExit):
-        parser.parse_args(["data", "convert", "-f", "csv", "in", "-o", "out"])
+def test_register_adds_data_and_mix(capsys):
+    import yaml
+
+    from sage_jax.config import ConfigError
+
+    def resolved(*argv):
+        capsys.readouterr()
+        assert run(*argv, "--print-config") == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    # the documented flags and positionals are shorthands for config fields; key=value anywhere
+    assert resolved("data", "convert", "-f", "ed", "in", "-o", "out", "strict=true") == {
+        "format": "ed", "input": "in", "output": "out", "strict": True, "progress": True}
+    assert resolved("mix", "seed=7", "spec.yaml", "-o", "o", "--blend", "--no-progress") == {
+        "spec": "spec.yaml", "output": "o", "seed": 7, "blend": True, "strict": False, "progress": False}
+    assert resolved("mix", "spec.yaml", "--seed", "3", "seed=4")["seed"] == 4  # key=value wins over a flag
+    with pytest.raises(ConfigError, match="format"):
+        run("data", "convert", "-f", "csv", "in", "-o", "out")
 
 
 def test_convert_reports_skips_and_strict_stops(tmp_path, capsys):

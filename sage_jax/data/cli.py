@@ -1,117 +1,166 @@
 """`sage-jax data convert`, `sage-jax data stats` and `sage-jax mix`: thin wrappers over the data functions.
 
 Wire into ``sage_jax/cli.py`` with ``register(sub)`` (adds ``data`` and ``mix``), or separately with
-``register_data(sub)`` / ``register_mix(sub)``. Each command sets ``func`` returning an exit code.
+``register_data(sub)`` / ``register_mix(sub)``. Each command is a config dataclass (YAML ``--config``,
+``key=value`` overrides, ``--print-config``); the flags are shorthands for fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["register", "register_data", "register_mix"]
+__all__ = ["register", "register_data", "register_mix", "ConvertConfig", "StatsConfig", "MixConfig",
+           "convert", "stats", "mix_command"]
+
+Format = Literal["sharegpt", "ed", "esconv", "dailydialog"]  # sage_jax.data.readers.FORMATS
 
 
-def _progress(args) -> bool | None:
-    return False if getattr(args, "no_progress", False) else None
+def _progress(cfg) -> bool | None:
+    return None if cfg.progress else False
 
 
-def _convert(args: argparse.Namespace) -> int:
+def _need(value, what: str) -> None:
+    if value is None or value == "":
+        raise ValueError(f"{what} is required")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """`sage-jax data convert`: a corpus (file, split folder or corpus folder) to SAC JSONL."""
+
+    format: Format | None = None  # input corpus format (required)
+    input: str | None = None  # a corpus file, split folder or corpus folder (required)
+    output: str | None = None  # SAC JSONL output, replaced (required)
+    strict: bool = False  # stop at the first malformed record
+    progress: bool = True  # progress bars
+
+
+def convert(cfg: ConvertConfig) -> int:
     from sage_jax.data.jsonl import JsonlWriter, ReadReport
     from sage_jax.data.readers import iter_corpus
 
-    report = ReadReport(args.input, strict=args.strict)
-    with JsonlWriter(args.output, append=False) as w:  # written to OUT.tmp, renamed on success
-        w.write_all(iter_corpus(args.format, args.input, report, progress=_progress(args)))
+    _need(cfg.format, "data convert: format= (--format)")
+    _need(cfg.input, "data convert: input= (IN)")
+    _need(cfg.output, "data convert: output= (-o OUT.jsonl)")
+    report = ReadReport(cfg.input, strict=cfg.strict)
+    with JsonlWriter(cfg.output, append=False) as w:  # written to OUT.tmp, renamed on success
+        w.write_all(iter_corpus(cfg.format, cfg.input, report, progress=_progress(cfg)))
     print(report.summary(), file=sys.stderr)
-    print(f"wrote {report.converted} dialogues to {args.output}")
+    print(f"wrote {report.converted} dialogues to {cfg.output}")
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class StatsConfig:
+    """`sage-jax data stats`: counts, label distributions, turn and token lengths."""
+
+    path: str | None = None  # SAC JSONL file, or a corpus file/folder (required)
+    format: Literal["auto", "sac"] | Format = "auto"  # how to read path (auto: by its file names)
+    tokenizer: str | None = None  # HF tokenizer dir: report token lengths
+    max_len: int | None = None  # count dialogues longer than this many tokens (needs tokenizer)
+    special_tokens: bool = False  # render latents with the latent special tokens
+    top: int = 10  # values shown per label distribution
+    json: bool = False  # print JSON instead of text
+    strict: bool = False  # stop at the first malformed record
+    progress: bool = True  # progress bars
+
+
+def stats(cfg: StatsConfig) -> int:
     from sage_jax.data.stats import (chat_template_lengths, compute_stats, format_stats, load_dialogues,
                                      load_tokenizer, stats_to_json)
 
-    if args.max_len is not None and args.tokenizer is None:
-        raise ValueError("--max-len needs --tokenizer DIR")
-    dialogues, report = load_dialogues(args.path, args.format, strict=args.strict, progress=_progress(args))
+    _need(cfg.path, "data stats: path= (PATH)")
+    if cfg.max_len is not None and cfg.tokenizer is None:
+        raise ValueError("--max-len needs --tokenizer DIR (max_len= needs tokenizer=)")
+    dialogues, report = load_dialogues(cfg.path, cfg.format, strict=cfg.strict, progress=_progress(cfg))
     token_length = None
-    if args.tokenizer is not None:
-        tok = load_tokenizer(args.tokenizer, special_tokens=args.special_tokens)
-        token_length = chat_template_lengths(tok, special_tokens=args.special_tokens)
-    stats = compute_stats(dialogues, token_length=token_length, max_len=args.max_len, progress=_progress(args))
-    stats.read = {"records": report.records, "converted": report.converted, "skipped": report.skipped,
-                  "errors": [str(e) for e in report.errors[:20]]}
-    if args.json:
-        print(json.dumps(stats_to_json(stats), ensure_ascii=False, indent=1))
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer, special_tokens=cfg.special_tokens)
+        token_length = chat_template_lengths(tok, special_tokens=cfg.special_tokens)
+    st = compute_stats(dialogues, token_length=token_length, max_len=cfg.max_len, progress=_progress(cfg))
+    st.read = {"records": report.records, "converted": report.converted, "skipped": report.skipped,
+               "errors": [str(e) for e in report.errors[:20]]}
+    if cfg.json:
+        print(json.dumps(stats_to_json(st), ensure_ascii=False, indent=1))
     else:
-        print(format_stats(stats, top=args.top))
+        print(format_stats(st, top=cfg.top))
         if report.skipped:
             print(report.summary(), file=sys.stderr)
     return 0
 
 
-def _mix(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class MixConfig:
+    """`sage-jax mix`: SAC sources mixed by a spec ({name: {path, size, prompt}}), shuffled, optionally blended."""
+
+    spec: str | None = None  # mix spec (YAML or JSON); relative paths are relative to it (required)
+    output: str | None = None  # SAC JSONL output, replaced (required)
+    seed: int = 0  # shuffle and blend seed
+    blend: bool = False  # blend each dialogue with 2 other random ones
+    strict: bool = False  # stop at the first malformed record
+    progress: bool = True  # progress bars
+
+
+def mix_command(cfg: MixConfig) -> int:
     from sage_jax.data.jsonl import write_sac
     from sage_jax.data.mix import load_mix_spec, mix
 
-    spec = load_mix_spec(args.spec)
-    dialogues, report = mix(spec, seed=args.seed, blend_dialogues=args.blend, base_dir=Path(args.spec).parent,
-                            strict=args.strict, progress=_progress(args))
-    write_sac(args.output, dialogues)
+    _need(cfg.spec, "mix: spec= (SPEC)")
+    _need(cfg.output, "mix: output= (-o OUT.jsonl)")
+    spec = load_mix_spec(cfg.spec)
+    dialogues, report = mix(spec, seed=cfg.seed, blend_dialogues=cfg.blend, base_dir=Path(cfg.spec).parent,
+                            strict=cfg.strict, progress=_progress(cfg))
+    write_sac(cfg.output, dialogues)
     print(report.summary(), file=sys.stderr)
-    print(f"wrote {len(dialogues)} dialogues to {args.output}")
+    print(f"wrote {len(dialogues)} dialogues to {cfg.output}")
     return 0
 
 
+_COMMON = {"--strict": "+strict", "--no-progress": "!progress"}
+
+
 def register_data(subparsers) -> argparse.ArgumentParser:
-    from sage_jax.data.readers import FORMATS
+    from sage_jax.config import add_config_command
 
     data = subparsers.add_parser("data", help="convert corpora to SAC JSONL; corpus statistics")
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    conv = sub.add_parser("convert", help="convert a corpus (file or folder) to SAC JSONL",
-                          description="Convert ShareGPT, EmpatheticDialogues (ed), ESConv or DailyDialog to SAC "
-                                      "JSONL. Malformed records are reported (file, line, field) and skipped "
-                                      "unless --strict.")
-    conv.add_argument("--format", "-f", required=True, choices=sorted(FORMATS), help="input corpus format")
-    conv.add_argument("input", metavar="IN", help="a corpus file, split folder or corpus folder")
-    conv.add_argument("-o", "--output", required=True, metavar="OUT.jsonl", help="SAC JSONL output (replaced)")
-    conv.add_argument("--strict", action="store_true", help="stop at the first malformed record")
-    conv.add_argument("--no-progress", action="store_true", help="no progress bars")
-    conv.set_defaults(func=_convert)
-
-    st = sub.add_parser("stats", help="counts, label distributions, turn and token lengths",
-                        description="Statistics of a SAC JSONL file or a corpus folder (converted in memory).")
-    st.add_argument("path", metavar="PATH", help="SAC JSONL file, or a corpus file/folder")
-    st.add_argument("--format", "-f", default="auto", choices=["auto", "sac", *sorted(FORMATS)],
-                    help="how to read PATH (default: by its file names; other files as SAC JSONL)")
-    st.add_argument("--tokenizer", metavar="DIR", default=None, help="HF tokenizer dir: report token lengths")
-    st.add_argument("--max-len", type=int, default=None, metavar="N", help="count dialogues longer than N tokens")
-    st.add_argument("--special-tokens", action="store_true", help="render latents with the latent special tokens")
-    st.add_argument("--top", type=int, default=10, help="values shown per label distribution (default 10)")
-    st.add_argument("--json", action="store_true", help="print JSON instead of text")
-    st.add_argument("--strict", action="store_true", help="stop at the first malformed record")
-    st.add_argument("--no-progress", action="store_true", help="no progress bars")
-    st.set_defaults(func=_stats)
+    add_config_command(sub, "convert", "sage_jax.data.cli:ConvertConfig:convert",
+                       help="convert a corpus (file or folder) to SAC JSONL",
+                       description="Convert ShareGPT, EmpatheticDialogues (ed), ESConv or DailyDialog to SAC "
+                                   "JSONL. Malformed records are reported (file, line, field) and skipped "
+                                   "unless strict=true (--strict).",
+                       example="--format ed data/ed -o data/ed.jsonl strict=true",
+                       positionals=["input IN"],
+                       flags={"-f --format": "format FORMAT", "-o --output": "output OUT.jsonl", **_COMMON})
+    add_config_command(sub, "stats", "sage_jax.data.cli:StatsConfig:stats",
+                       help="counts, label distributions, turn and token lengths",
+                       description="Statistics of a SAC JSONL file or a corpus folder (converted in memory).",
+                       example="data/train.jsonl tokenizer=runs/m1/tokenizer max_len=2048 top=5",
+                       positionals=["path PATH"],
+                       flags={"-f --format": "format FORMAT", "--tokenizer": "tokenizer DIR", "--max-len": "max_len N",
+                              "--special-tokens": "+special_tokens", "--top": "top N", "--json": "+json",
+                              **_COMMON})
     return data
 
 
 def register_mix(subparsers) -> argparse.ArgumentParser:
-    m = subparsers.add_parser("mix", help="mix SAC sources by a spec, shuffle, optionally blend",
-                              description="Take the first N valid dialogues of each source of SPEC "
-                                          "({name: {path, size, prompt}}, YAML or JSON), shuffle under --seed, "
-                                          "and with --blend append the turns of 2 other random dialogues to each.")
-    m.add_argument("spec", metavar="SPEC", help="mix spec (YAML or JSON); relative paths are relative to it")
-    m.add_argument("-o", "--output", required=True, metavar="OUT.jsonl", help="SAC JSONL output (replaced)")
-    m.add_argument("--seed", type=int, default=0, help="shuffle and blend seed (default 0)")
-    m.add_argument("--blend", action="store_true", help="blend each dialogue with 2 other random ones")
-    m.add_argument("--strict", action="store_true", help="stop at the first malformed record")
-    m.add_argument("--no-progress", action="store_true", help="no progress bars")
-    m.set_defaults(func=_mix)
-    return m
+    from sage_jax.config import add_config_command
+
+    return add_config_command(
+        subparsers, "mix", "sage_jax.data.cli:MixConfig:mix_command",
+        help="mix SAC sources by a spec, shuffle, optionally blend",
+        description="Take the first N valid dialogues of each source of the spec "
+                    "({name: {path, size, prompt}}, YAML or JSON), shuffle under seed, and with blend=true "
+                    "(--blend) append the turns of 2 other random dialogues to each.",
+        example="mix.yaml -o data/mixed.jsonl seed=3 blend=true",
+        positionals=["spec SPEC"],
+        flags={"-o --output": "output OUT.jsonl", "--seed": "seed S", "--blend": "+blend", **_COMMON})
 
 
 def register(subparsers) -> None:

@@ -156,13 +156,11 @@ def encode_many(
     latent_chars: Callable[[str], int] | None = None,
 ) -> tuple[list[Encoded], EncodeStats]:
     """Encode many chats; returns the kept encodings (input order) and counts of what was cut."""
-    from sage_jax.progress import progress as progress_bar
+    from tqdm.auto import tqdm
 
     out, st = [], EncodeStats()
-    total = len(dialogues_messages) if hasattr(dialogues_messages, "__len__") else None
-    bar = progress_bar(total, "tokenize", unit="dlg", show=progress)
-    for idx, messages in enumerate(dialogues_messages):
-        bar.update(1)
+    bar = tqdm(dialogues_messages, desc="tokenize", unit="dlg", disable=not progress)
+    for idx, messages in enumerate(bar):
         st.dialogues += 1
         try:
             enc = encode_dialogue(messages, tokenizer, template=template, max_len=max_len, latent_chars=latent_chars)
@@ -181,5 +179,4 @@ def encode_many(
         st.turns_dropped += enc.truncated_turns
         st.tokens += len(enc.tokens)
         st.supervised_tokens += int(enc.loss_mask.sum())
-    bar.close()
     return out, st

@@ -1,78 +1,95 @@
 """`sage-jax annotate`: raw ShareGPT dialogues -> SAC JSONL through a judge backend.
 
-Wire into ``sage_jax/cli.py`` with ``register(sub)``; the command sets ``func`` returning an exit
-code (0 when every dialogue is annotated or already done, 2 when some failed: see the failure report).
+Wire into ``sage_jax/cli.py`` with ``register(sub)``; the command is :class:`AnnotateConfig` (YAML
+``--config``, ``key=value`` overrides, ``--print-config``; the flags are shorthands for its fields) and
+exits 0 when every dialogue is annotated or already done, 2 when some failed (see the failure report).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Literal
 
-__all__ = ["register", "register_annotate"]
+__all__ = ["register", "register_annotate", "AnnotateConfig", "annotate"]
 
 
-def _annotate(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class AnnotateConfig:
+    """`sage-jax annotate`: raw ShareGPT dialogues -> SAC JSONL through a judge, resumably."""
+
+    input: str | None = None  # ShareGPT JSON/JSONL file or folder, or a SAC JSONL file (required)
+    output: str | None = None  # SAC JSONL output, appended (required)
+    judge: str = "rules:"  # judge backend: rules:, openai:MODEL[@URL], local:HF_DIR
+    format: Literal["auto", "sharegpt", "sac"] = "auto"  # input format
+    failures: str | None = None  # failure report JSONL (default OUT.failures.jsonl; rewritten each run)
+    cache_dir: str | None = None  # completion cache (default $SAGE_JAX_CACHE/judge or ~/.cache/sage_jax/judge)
+    cache: bool = True  # use the completion cache
+    tries: int = 3  # judge calls per dialogue before it fails
+    temperature: float = 0.8
+    max_tokens: int = 2048  # per answer
+    seed: int = 0  # sampling seed of the first try (try t: seed + t)
+    max_concurrency: int = 8  # concurrent requests (openai:)
+    timeout: float = 60.0  # seconds per request (openai:)
+    max_attempts: int = 6  # HTTP attempts per request (openai:)
+    chunk_size: int = 32  # dialogues per batch written together
+    limit: int | None = None  # annotate at most this many dialogues this run
+    example: bool = True  # an in-context example in the prompt
+    allow_rewrite: bool = False  # accept a rewritten utterance ('text') from the annotator
+    progress: bool = True  # progress bar
+
+
+def annotate(cfg: AnnotateConfig) -> int:
     from sage_jax.judge.annotate import annotate_file
     from sage_jax.judge.base import RetryPolicy, default_cache_dir, make_judge, parse_spec
 
-    spec = parse_spec(args.judge)
+    if not cfg.input or not cfg.output:
+        raise ValueError("annotate: input= (IN) and output= (-o OUT.jsonl) are required")
+    spec = parse_spec(cfg.judge)
     opts = {}
     cache_dir = None
     if spec.kind != "rules":
-        cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+        cache_dir = None if not cfg.cache else (cfg.cache_dir or default_cache_dir())
     if spec.kind == "openai":
-        opts = dict(timeout=args.timeout, max_concurrency=args.max_concurrency,
-                    retry=RetryPolicy(max_attempts=args.max_attempts))
-    judge = make_judge(args.judge, cache_dir=cache_dir, **opts)
+        opts = dict(timeout=cfg.timeout, max_concurrency=cfg.max_concurrency,
+                    retry=RetryPolicy(max_attempts=cfg.max_attempts))
+    judge = make_judge(cfg.judge, cache_dir=cache_dir, **opts)
     try:
-        rep = annotate_file(args.input, args.output, judge, fmt=args.format, failures_path=args.failures,
-                            chunk_size=args.chunk_size, limit=args.limit,
-                            progress=False if args.no_progress else None, tries=args.tries,
-                            temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-                            example=not args.no_example, allow_rewrite=args.allow_rewrite)
+        rep = annotate_file(cfg.input, cfg.output, judge, fmt=cfg.format, failures_path=cfg.failures,
+                            chunk_size=cfg.chunk_size, limit=cfg.limit,
+                            progress=None if cfg.progress else False, tries=cfg.tries,
+                            temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
+                            example=cfg.example, allow_rewrite=cfg.allow_rewrite)
     finally:
         close = getattr(judge, "close", None)
         if close is not None:
             close()
     print(rep.summary(), file=sys.stderr)
-    print(f"wrote {rep.annotated} dialogues to {args.output}")
+    print(f"wrote {rep.annotated} dialogues to {cfg.output}")
     return 2 if rep.failed else 0
 
 
 def register_annotate(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "annotate", help="label raw dialogues with SAC latents through a judge (ShareGPT -> SAC JSONL)",
+    from sage_jax.config import add_config_command
+
+    return add_config_command(
+        subparsers, "annotate", "sage_jax.judge.cli:AnnotateConfig:annotate",
+        help="label raw dialogues with SAC latents through a judge (ShareGPT -> SAC JSONL)",
         description="Annotate every utterance of each dialogue (motivation, emotion, topics) in one judge call "
                     "per dialogue, whole dialogue in view. Resumable: ids already in OUT are skipped and each "
-                    "result is appended as it finishes. Failures (after --tries) go to the failure report and are "
+                    "result is appended as it finishes. Failures (after `tries`) go to the failure report and are "
                     "tried again on the next run. Judge specs: rules: (offline heuristic, the default), "
                     "openai:MODEL[@URL] (key from SAGE_JUDGE_API_KEY or OPENAI_API_KEY; URL from "
-                    "SAGE_JUDGE_BASE_URL or OPENAI_BASE_URL), local:HF_DIR.")
-    p.add_argument("input", metavar="IN", help="ShareGPT JSON/JSONL file or folder (or a SAC JSONL file)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl", help="SAC JSONL output (appended)")
-    p.add_argument("--judge", default="rules:", metavar="SPEC", help="judge backend (default rules:)")
-    p.add_argument("--format", default="auto", choices=["auto", "sharegpt", "sac"], help="input format")
-    p.add_argument("--failures", default=None, metavar="PATH",
-                   help="failure report JSONL (default OUT.failures.jsonl; rewritten each run)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="completion cache (default $SAGE_JAX_CACHE/judge or ~/.cache/sage_jax/judge)")
-    p.add_argument("--no-cache", action="store_true", help="no completion cache")
-    p.add_argument("--tries", type=int, default=3, help="judge calls per dialogue before it fails (default 3)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="max tokens per answer (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first try (try t: seed + t)")
-    p.add_argument("--max-concurrency", type=int, default=8, help="concurrent requests (openai:, default 8)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (openai:, default 60)")
-    p.add_argument("--max-attempts", type=int, default=6, help="HTTP attempts per request (openai:, default 6)")
-    p.add_argument("--chunk-size", type=int, default=32, help="dialogues per batch written together (default 32)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="annotate at most N dialogues this run")
-    p.add_argument("--no-example", action="store_true", help="no in-context example in the prompt")
-    p.add_argument("--allow-rewrite", action="store_true",
-                   help="accept a rewritten utterance ('text') from the annotator")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_annotate)
-    return p
+                    "SAGE_JUDGE_BASE_URL or OPENAI_BASE_URL), local:HF_DIR.",
+        example="raw.jsonl -o data/sac.jsonl --judge rules: tries=5 limit=100",
+        positionals=["input IN"],
+        flags={"-o --output": "output OUT.jsonl", "--judge": "judge SPEC", "--format": "format FORMAT",
+               "--failures": "failures PATH", "--cache-dir": "cache_dir DIR", "--no-cache": "!cache",
+               "--tries": "tries N", "--temperature": "temperature T", "--max-tokens": "max_tokens N",
+               "--seed": "seed S", "--max-concurrency": "max_concurrency N", "--timeout": "timeout SECONDS",
+               "--max-attempts": "max_attempts N", "--chunk-size": "chunk_size N", "--limit": "limit N",
+               "--no-example": "!example", "--allow-rewrite": "+allow_rewrite", "--no-progress": "!progress"})
 
 
 def register(subparsers) -> None:

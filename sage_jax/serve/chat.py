@@ -12,19 +12,21 @@ inferred user state and the chosen assistant action. Commands:
     /help                 this list
     /quit                 exit (so does end of input)
 
+    sage-jax chat --model smollm2 temperature=0 < script.txt
     python -m sage_jax.serve.chat --model smollm2 < script.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import TextIO
 
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.rollout.steer import check_pins, steer
 
-__all__ = ["ChatSession", "parse_pin", "run_chat", "main", "HELP"]
+__all__ = ["ChatSession", "ChatConfig", "chat", "parse_pin", "run_chat", "main", "HELP"]
 
 HELP = """commands: /latents (toggle latents), /pin KEY=VALUE (pin a field for the next turn),
 /unpin, /reset, /help, /quit"""
@@ -134,23 +136,45 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+    """`sage-jax chat`: the model and the sampling of its replies."""
+
+    model: str | None = None  # smollm2, an HF directory or a training run directory (required)
+    max_new_tokens: int = 256  # per reply (latents included)
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    system: str | None = None  # optional system prompt
+    seed: int = 0
+    template: str | None = None  # chat template name (default: the tokenizer's)
+
+
+def chat(cfg: ChatConfig) -> int:
+    """Chat on stdin/stdout until /quit or end of input."""
+    from sage_jax.rollout.policy import load_policy
+
+    if not cfg.model:
+        raise ValueError("chat: --model is required (model=smollm2, an HF directory or a run directory)")
+    policy = load_policy(cfg.model, template=cfg.template)
+    sp = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    session = ChatSession(policy, sp, system=cfg.system, seed=cfg.seed)
+    return run_chat(session, sys.stdin, sys.stdout)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
+    d = ChatConfig()
     p.add_argument("--model", required=True, help="smollm2, an HF directory or a training run directory")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per reply (latents included)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--system", default=None, help="optional system prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per reply (latents included)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--system", default=d.system, help="optional system prompt")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--template", default=d.template, help="chat template name (default: the tokenizer's)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from sage_jax.rollout.policy import load_policy
-
-    policy = load_policy(args.model, template=getattr(args, "template", None))
-    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    session = ChatSession(policy, sp, system=args.system, seed=args.seed)
-    return run_chat(session, sys.stdin, sys.stdout)
+    return chat(ChatConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ChatConfig)
+                              if hasattr(args, f.name)}))
 
 
 def main(argv: list[str] | None = None) -> int:

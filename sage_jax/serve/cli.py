@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+
+__all__ = ["register", "ServeConfig", "serve"]
 
 
-def _serve(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`sage-jax serve`: an OpenAI-compatible HTTP server over a model."""
+
+    model: str | None = None  # smollm2, an HF directory or a training run directory (required)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8  # requests per batched generation
+    max_queue: int = 64  # queued requests before answering 503
+    max_tokens: int = 256  # default max_tokens of a request
+    template: str | None = None  # chat template name (default: the tokenizer's)
+    verbose: bool = False  # log every HTTP request
+
+
+def serve(cfg: ServeConfig) -> int:
     import signal
     import threading
 
     from sage_jax.rollout.policy import load_policy
     from sage_jax.serve.server import make_server
 
-    policy = load_policy(args.model, template=args.template)
-    srv = make_server(policy, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-                      default_max_tokens=args.max_tokens, verbose=args.verbose)
+    if not cfg.model:
+        raise ValueError("serve: --model is required (model=smollm2, an HF directory or a run directory)")
+    policy = load_policy(cfg.model, template=cfg.template)
+    srv = make_server(policy, cfg.host, cfg.port, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                      default_max_tokens=cfg.max_tokens, verbose=cfg.verbose)
     stop = threading.Event()
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -23,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     srv.start()
-    print(f"serving {srv.model_name} at {srv.url} (max_batch={args.max_batch}, max_queue={args.max_queue})",
+    print(f"serving {srv.model_name} at {srv.url} (max_batch={cfg.max_batch}, max_queue={cfg.max_queue})",
           flush=True)
     stop.wait()
     print("shutting down", flush=True)
@@ -31,28 +49,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from sage_jax.serve.chat import run_from_args
-
-    return run_from_args(args)
-
-
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a model (batched, latent pinning)",
+    from sage_jax.config import add_config_command
+
+    add_config_command(sub, "serve", "sage_jax.serve.cli:ServeConfig:serve",
+                       help="an OpenAI-compatible HTTP server over a model (batched, latent pinning)",
                        description="POST /v1/chat/completions, GET /v1/models; the `sage` extension field "
-                                   "{pin: {...}, return_latents: true} steers and returns latents.")
-    p.add_argument("--model", required=True, help="smollm2, an HF directory or a training run directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="requests per batched generation")
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
-    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
-    p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's)")
-    p.add_argument("--verbose", action="store_true", help="log every HTTP request")
-    p.set_defaults(func=_serve)
-
-    from sage_jax.serve.chat import add_args
-
-    c = sub.add_parser("chat", help="interactive terminal chat showing the latents; /pin, /latents, /reset, /quit")
-    add_args(c)
-    c.set_defaults(func=_chat)
+                                   "{pin: {...}, return_latents: true} steers and returns latents.",
+                       example="--model smollm2 --port 8000 max_batch=16",
+                       flags={"--model": "model MODEL", "--host": "host HOST", "--port": "port PORT",
+                              "--max-batch": "max_batch N", "--max-queue": "max_queue N",
+                              "--max-tokens": "max_tokens N", "--template": "template NAME",
+                              "--verbose": "+verbose"})
+    add_config_command(sub, "chat", "sage_jax.serve.chat:ChatConfig:chat",
+                       help="interactive terminal chat showing the latents; /pin, /latents, /reset, /quit",
+                       description="A terminal chat: prints the inferred user state and chosen action of every "
+                                   "turn; /latents toggles them, /pin a_motivation=humour pins an action field "
+                                   "for the next turn, /unpin, /reset, /quit.",
+                       example="--model smollm2 temperature=0 max_new_tokens=128",
+                       flags={"--model": "model MODEL", "--max-new-tokens": "max_new_tokens N",
+                              "--temperature": "temperature T", "--top-p": "top_p P", "--system": "system TEXT",
+                              "--seed": "seed S", "--template": "template NAME"})

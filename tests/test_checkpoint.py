@@ -10,15 +10,17 @@ import textwrap
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sage_jax.train.checkpoint import Checkpointer, abstract_like
+from sage_jax.train.checkpoint import Checkpointer, abstract_like, key_from_saved, key_to_saveable
 from sage_jax.train.preemption import PreemptionGuard, any_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,31 +74,44 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def make_data_iter(start=0):
+    """A Grain iterator (shuffled, batched) advanced by ``start`` batches."""
+    it = iter(grain.MapDataset.range(100).shuffle(seed=3).batch(4).to_iter_dataset())
+    for _ in range(start):
+        next(it)
+    return it
+
+
 def test_roundtrip_sharded_state_data_config_tokenizer(mesh, tmp_path):
     opt, state = make_state(mesh)
-    data_state = {"next_index": 17, "epoch": 1, "parent": {"seed": 3, "buffer": [1, 2, 3]}}
+    data_iter = make_data_iter(5)
+    expected_batches = [next(make_data_iter(5)).tolist() for _ in range(1)]
     config = {"model": {"name": "tiny"}, "lr": 1e-2, "mesh": [2, 4]}
     tok = fake_tokenizer(tmp_path)
 
     with Checkpointer(tmp_path / "ckpt", save_every=10) as ckpt:
         assert ckpt.latest_step() is None
-        assert ckpt.save(7, state=state, data_state=data_state, config=config, tokenizer_dir=tok, force=True)
-        data_state["next_index"] = 999  # mutating after save must not change what is saved
+        assert ckpt.save(7, state=state, data_iter=data_iter, config=config, tokenizer_dir=tok, force=True)
+        next(data_iter)  # advancing the iterator after save must not change what is saved
+        config["lr"] = 5.0  # nor mutating the config
         ckpt.wait()
+    config["lr"] = 1e-2
 
     # A fresh Checkpointer (a restarted process) restores into requested shardings, one of them
     # different from the saved one (resharding on restore).
     abstract = abstract_like(state)
     abstract["params"]["w"] = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+    fresh_iter = make_data_iter()
     with Checkpointer(tmp_path / "ckpt", save_every=10) as ckpt:
         assert ckpt.latest_step() == 7
-        r = ckpt.restore(abstract)
+        r = ckpt.restore(abstract, data_iter=fresh_iter)
         out = tmp_path / "tok_restored"
         ckpt.restore_tokenizer(None, out)
         assert ckpt.restore_config() == config
 
     assert r.step == 7
-    assert r.data_state == {"next_index": 17, "epoch": 1, "parent": {"seed": 3, "buffer": [1, 2, 3]}}
+    assert r.data_restored and [next(fresh_iter).tolist()] == expected_batches  # Grain's handler set it
+    assert (tmp_path / "ckpt" / "7" / "data" / "process_0-of-1.json").exists()
     assert r.config == config
     assert r.state["step"] == 7
     assert_trees_equal(r.state, state)
@@ -133,7 +148,7 @@ def test_keep_n_schedule_force_and_latest(mesh, tmp_path):
     with Checkpointer(tmp_path / "ckpt", save_every=2, keep=2, read_only=True) as ro:
         assert ro.latest_step() == 9
         assert ro.restore(abstract_like(state), step=8).state["step"] == 8
-        assert ro.restore(abstract_like(state)).data_state is None  # saved without one
+        assert not ro.restore(abstract_like(state), data_iter=make_data_iter()).data_restored  # saved without one
         with pytest.raises(FileNotFoundError):
             ro.restore(abstract_like(state), step=4)  # pruned by keep=2
 
@@ -160,22 +175,48 @@ def test_async_save_survives_donation_then_wait(mesh, tmp_path):
 
 
 def test_grain_iterator_position_resumes(tmp_path):
-    import grain
-
-    def make_iter():
-        return iter(grain.MapDataset.range(100).shuffle(seed=3).batch(4).to_iter_dataset())
-
-    it = make_iter()
-    for _ in range(3):
-        next(it)
+    it = make_data_iter(3)
     with Checkpointer(tmp_path / "ckpt", save_every=1) as ckpt:
-        ckpt.save(3, state={"step": 3}, data_state=it.get_state())
+        ckpt.save(3, state={"step": 3}, data_iter=it)
     expected = [next(it).tolist() for _ in range(2)]
+    it2 = make_data_iter()
     with Checkpointer(tmp_path / "ckpt", save_every=1, read_only=True) as ckpt:
-        r = ckpt.restore({"step": 0})
-    it2 = make_iter()
-    it2.set_state(r.data_state)
+        assert not ckpt.restore({"step": 0}, data_iter=it2, data=False).data_restored
+        assert next(make_data_iter()).tolist() == next(it2).tolist()  # data=False: left at the start
+        it2 = make_data_iter()
+        assert ckpt.restore({"step": 0}, data_iter=it2).data_restored
     assert [next(it2).tolist() for _ in range(2)] == expected
+    # Grain's own handler wrote it: its file, its JSON, readable by Grain without us.
+    raw = json.loads((tmp_path / "ckpt" / "3" / "data" / "process_0-of-1.json").read_text())
+    it3 = make_data_iter()
+    it3.set_state(raw)
+    assert next(it3).tolist() == expected[0]
+
+
+def test_rng_keys_are_stored_as_key_data_and_rewrapped(tmp_path):
+    keys = {"threefry": jax.random.key(7), "rbg": jax.random.key(7, impl="rbg"),
+            "batch": jax.random.split(jax.random.key(3), 4)}
+    for k in keys.values():
+        back = key_from_saved(key_to_saveable(k), str(jax.random.key_impl(k)))
+        assert back.dtype == k.dtype and back.shape == k.shape
+        np.testing.assert_array_equal(jax.random.key_data(back), jax.random.key_data(k))
+    with Checkpointer(tmp_path / "ckpt", save_every=1) as ckpt:
+        ckpt.save(1, state=keys)
+        ckpt.wait()
+        meta = ckpt.read_meta()
+        r = ckpt.restore(jax.tree.map(lambda k: jax.ShapeDtypeStruct(k.shape, k.dtype), keys))
+    assert meta["prng_keys"] == {"['batch']": "threefry2x32", "['rbg']": "rbg", "['threefry']": "threefry2x32"}
+    # On disk: plain uint32 key data, readable without knowing about keys.
+    with ocp.CheckpointManager(os.path.abspath(tmp_path / "ckpt"),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as raw:
+        stored = raw.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    for name, k in keys.items():
+        assert stored[name].dtype == np.uint32
+        np.testing.assert_array_equal(np.asarray(stored[name]), np.asarray(jax.random.key_data(k)))
+        assert r.state[name].dtype == k.dtype  # a typed key of the same implementation again
+        np.testing.assert_array_equal(jax.random.key_data(r.state[name]), jax.random.key_data(k))
+        if name != "batch":  # the same stream of random numbers
+            np.testing.assert_array_equal(jax.random.uniform(r.state[name], (3,)), jax.random.uniform(k, (3,)))
 
 
 def test_unfinalized_step_is_ignored(mesh, tmp_path):
@@ -198,6 +239,22 @@ def test_unfinalized_step_is_ignored(mesh, tmp_path):
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith("_")) == ["2", "3"]
 
 
+def test_sigterm_hook_feeds_orbax_should_save(tmp_path):
+    guard = PreemptionGuard()
+    with Checkpointer(tmp_path / "ckpt", save_every=0, keep=None, preemption=guard) as ckpt:
+        with guard:
+            assert not ckpt.should_save(3) and not ckpt.save(3, state={"step": 3})
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 5
+            while not guard.requested and time.time() < deadline:
+                time.sleep(0.01)
+            assert ckpt.should_save(4) and ckpt.save(4, state={"step": 4})  # Orbax's save decided
+            ckpt.wait()
+            assert ckpt.all_steps() == [4] and not ckpt.should_save(4)  # never the same step twice
+    with Checkpointer(tmp_path / "ckpt2", save_every=5) as ckpt:  # the interval alone: Orbax's policy
+        assert [s for s in range(1, 12) if ckpt.should_save(s)] == [5, 10]
+
+
 def test_preemption_guard_flag_and_handler_restore():
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionGuard() as guard:
@@ -214,7 +271,7 @@ def test_preemption_guard_flag_and_handler_restore():
 
 TRAIN_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    import jax, jax.numpy as jnp, optax
+    import grain, jax, jax.numpy as jnp, optax
     from sage_jax.train.checkpoint import Checkpointer, abstract_like
     from sage_jax.train.preemption import PreemptionGuard
 
@@ -235,23 +292,28 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
     params = {"w": jnp.zeros(4, jnp.float32)}
     state = {"params": params, "opt_state": opt.init(params)}
-    ckpt = Checkpointer(ckdir, save_every=1000, keep=2)
+    data = iter(grain.MapDataset.range(10**6).to_iter_dataset())  # element n is consumed by step n + 1
+    guard = PreemptionGuard()
+    ckpt = Checkpointer(ckdir, save_every=1000, keep=2, preemption=guard)
     step = 0
     if ckpt.latest_step() is not None:
-        r = ckpt.restore(abstract_like(state))
+        r = ckpt.restore(abstract_like(state), data_iter=data)
         state, step = r.state, r.step
-        assert r.data_state == {"consumed": step}
+        assert r.data_restored
     write("start", step)
-    with PreemptionGuard() as guard:
+    with guard:
         while True:
+            assert next(data) == step  # the data iterator resumed exactly where it was saved
             state, loss = train_step(state)
             step += 1
             write("step", step)
+            saved = ckpt.save(step, state=state, data_iter=data)  # Orbax's decision, fed by SIGTERM
             if guard.should_stop(step):
-                ckpt.save(step, state=state, data_state={"consumed": step}, force=True)
+                assert saved
                 ckpt.wait()
                 write("saved", step)
                 break
+            assert not saved  # save_every=1000: no save before the signal
             time.sleep(0.02)
     ckpt.close()
 """)
@@ -300,7 +362,7 @@ def test_sigterm_saves_at_last_step_and_resumes(tmp_path):
     with Checkpointer(ckdir, save_every=1000, read_only=True) as ro:
         assert ro.all_steps() == [last1, last2]
         r = ro.restore(abstract)
-    assert r.step == last2 and r.data_state == {"consumed": last2}
+    assert r.step == last2
     # w_n = 1 - 0.8**n for sgd(0.1) on (w - 1)^2: the resumed run continued exactly.
     np.testing.assert_allclose(np.asarray(r.state["params"]["w"]), 1 - 0.8 ** last2, rtol=1e-5)
 
@@ -315,8 +377,15 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
         pass
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
     from jax.sharding import NamedSharding, PartitionSpec as P
+    import grain
     from sage_jax.train.checkpoint import Checkpointer, abstract_like
     from sage_jax.train.preemption import PreemptionGuard, any_process
+
+    def data_iter(advance):  # host pid reads its own shard, at its own position
+        it = iter(grain.MapDataset.range(100)[pid::2].to_iter_dataset())
+        for _ in range(advance):
+            next(it)
+        return it
 
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     w = jax.make_array_from_callback((8,), NamedSharding(mesh, P("data")),
@@ -324,10 +393,11 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
     state = {"w": w, "step": 5}
     res = {}
     with Checkpointer(ckdir, save_every=1) as ck:
-        ck.save(5, state=state, data_state={"proc": pid}, config={"n": 2}, force=True)
+        ck.save(5, state=state, data_iter=data_iter(pid + 3), config={"n": 2}, force=True)
         ck.wait()
-        r = ck.restore(abstract_like(state))
-        res["data"], res["config"] = r.data_state, r.config
+        it = data_iter(0)
+        r = ck.restore(abstract_like(state), data_iter=it)
+        res["data"], res["config"] = [r.data_restored, int(next(it))], r.config
         res["w_ok"] = all(np.array_equal(np.asarray(s.data), np.arange(8.0)[s.index])
                           for s in r.state["w"].addressable_shards)
     res["any"] = [any_process(False), any_process(pid == 1)]
@@ -376,7 +446,7 @@ def test_two_processes_per_host_data_state_and_same_stop_step(tmp_path):
         assert p.returncode == 0, out[-3000:]
     res = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     for i, r in enumerate(res):
-        assert r["data"] == {"proc": i} and r["config"] == {"n": 2} and r["w_ok"]
+        assert r["data"] == [True, i + 2 * (i + 3)] and r["config"] == {"n": 2} and r["w_ok"]
         assert r["any"] == [False, True]
     assert sorted(p.name for p in (tmp_path / "ckpt" / "5" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]

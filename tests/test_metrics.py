@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sage_jax.train.metrics import (MetricsWriter, mfu, peak_flops_info, peak_flops_per_device, progress,
-                                    read_jsonl, train_flops_per_token, truncate_jsonl)
+from sage_jax.progress import progress
+from sage_jax.train.metrics import (MetricsWriter, mfu, peak_flops_info, peak_flops_per_device, read_jsonl,
+                                    train_flops_per_token, truncate_jsonl)
 
 
 def tb_scalars(log_dir):
@@ -103,18 +104,38 @@ def test_disabled_writer_writes_and_fetches_nothing(tmp_path):
 
 def test_progress_bar_shows_rate_eta_and_postfix():
     buf = io.StringIO()
-    bar = progress(10, "train", disable=False, file=buf)
+    bar = progress(10, "train", unit="step", show=True, file=buf)
     for i in range(10):
-        bar.update(1, postfix={"loss": 1.0 / (i + 1), "lr": np.float32(3e-4), "dev": jnp.float32(1)})
+        bar.update(1, postfix={"loss": 1.0 / (i + 1), "lr": np.float32(3e-4), "dev": jnp.float32(1),
+                               "n": np.int64(i), "phase": "warm"})
     bar.close()
     text = buf.getvalue()
     assert bar.n == 10
     assert "train" in text and "10/10" in text and "step/s" in text and "loss=0.1" in text
     assert "<00:00" in text  # elapsed<remaining (ETA)
     assert "dev=" not in text  # device arrays are never synced by the bar
-    with progress(None, "unbounded", initial=5, disable=True) as p:
+    assert "n=9" in text and "phase=warm" in text and "lr=0.0003" in text
+    with progress(None, "unbounded", initial=5, show=False) as p:
         p.update(2)
         assert p.n == 7
+    buf = io.StringIO()
+    with progress(None, "bytes", unit="B", unit_scale=True, initial=5, show=False, file=buf) as p:
+        p.update(2_000_000)
+    assert buf.getvalue() == ""  # hidden: nothing drawn, still counted
+    buf = io.StringIO()
+    with progress(3_000_000, "read", unit="B", unit_scale=True, show=True, file=buf) as p:
+        p.update(3_000_000)
+    assert "3.00M/3.00M" in buf.getvalue() and "B/s" in buf.getvalue()
+
+
+def test_progress_helper_imports_nothing_of_ours():
+    import subprocess
+    import sys
+
+    code = ("import sys, sage_jax.progress as p; bar = p.progress(2, show=False); bar.update(2); bar.close(); "
+            "print(sorted(m for m in sys.modules if m.startswith('sage_jax')), 'jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    assert out == "['sage_jax', 'sage_jax.progress'] False"
 
 
 def test_peak_flops_table_and_mfu():

@@ -79,10 +79,15 @@ SCRIPT = textwrap.dedent("""
     res["loss1"] = float(m["loss"])
     res["t_step1"] = time.time() - t0
     res["grad_norm1"] = float(m["grad_norm"])
+    import grain
+
+    data = iter(grain.MapDataset.range(100)[pid::2].to_iter_dataset())  # this host's own data position
+    next(data)
     with Checkpointer(f"{root}/steps_ckpt", save_every=1) as ck:
-        ck.save(1, state=state, data_state={"host": pid}, config={"mesh": [2, 2]}, force=True)
+        ck.save(1, state=state, data_iter=data, config={"mesh": [2, 2]}, force=True)
         ck.wait()
-        r = ck.restore(abstract_like(state))
+        data = iter(grain.MapDataset.range(100)[pid::2].to_iter_dataset())
+        r = ck.restore(abstract_like(state), data_iter=data)
     res["t_ckpt"] = time.time() - t0
 
     def shards(tree):
@@ -93,7 +98,7 @@ SCRIPT = textwrap.dedent("""
             out.append((x.sharding, [(s.index, np.asarray(s.data)) for s in x.addressable_shards]))
         return out
 
-    same = r.step == 1 and r.data_state == {"host": pid}
+    same = r.step == 1 and r.data_restored and next(data) == pid + 2
     for (sa, a), (sb, b) in zip(shards(state), shards(r.state)):
         same &= sa == sb and len(a) == len(b)
         same &= all(ia == ib and np.array_equal(xa, xb) for (ia, xa), (ib, xb) in zip(a, b))

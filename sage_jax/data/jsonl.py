@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
+from sage_jax.progress import progress as progress_bar  # `progress` is the show/hide flag here
 from sage_jax.sac import Dialogue, SACFormatError, dialogue_from_json, dialogue_to_json
 
 __all__ = ["RecordError", "ReadReport", "iter_json_lines", "iter_sac", "read_sac", "JsonlWriter", "write_sac",
-           "done_ids", "progress_bar"]
+           "done_ids"]
 
 log = logging.getLogger("sage_jax.data")
 _LOGGED_PER_REPORT = 10  # warnings printed as they happen; the report keeps more
@@ -79,12 +79,6 @@ class ReadReport:
         return "\n".join(lines)
 
 
-def progress_bar(total: int | None, desc: str, progress: bool | None, unit: str = "B"):
-    """A tqdm bar; ``progress=None`` lets tqdm decide (shown on a terminal, hidden in logs and tests)."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
-                disable=None if progress is None else not progress)
-
-
 def iter_json_lines(path: str | os.PathLike, report: ReadReport, *, progress: bool | None = None
                     ) -> Iterator[tuple[int, Any]]:
     """Yield ``(line number, parsed JSON)`` per non-blank line, counting each as a record.
@@ -93,7 +87,8 @@ def iter_json_lines(path: str | os.PathLike, report: ReadReport, *, progress: bo
     caller reports the outcome (``ok``/``fail``) of every record it receives.
     """
     path = Path(path)
-    with open(path, "rb") as f, progress_bar(path.stat().st_size, path.name, progress) as bar:
+    with open(path, "rb") as f, progress_bar(path.stat().st_size, path.name, unit="B", unit_scale=True, leave=False,
+                                                      show=progress) as bar:
         for line_no, raw in enumerate(f, 1):
             bar.update(len(raw))
             try:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_jax.data.jsonl import ReadReport, progress_bar, read_sac
+from sage_jax.data.jsonl import ReadReport, read_sac
+from sage_jax.progress import progress as progress_bar
 from sage_jax.sac import DEFAULT_SCHEMA, Dialogue, Schema, to_messages
 
 __all__ = ["Summary", "TokenStats", "CorpusStats", "compute_stats", "format_stats", "stats_to_json",
@@ -112,7 +113,7 @@ def compute_stats(dialogues: Sequence[Dialogue], *, schema: Schema = DEFAULT_SCH
                         {k: dict(c.most_common()) for k, c in labels.items()})
     if token_length is not None:
         lengths: list[int] = []
-        with progress_bar(len(dialogues), "tokenizing", progress, unit="dlg") as bar:
+        with progress_bar(len(dialogues), "tokenizing", unit="dlg", unit_scale=True, leave=False, show=progress) as bar:
             for i in range(0, len(dialogues), batch_size):
                 chunk = dialogues[i:i + batch_size]
                 lengths += token_length(chunk)

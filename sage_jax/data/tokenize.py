@@ -156,11 +156,13 @@ def encode_many(
     latent_chars: Callable[[str], int] | None = None,
 ) -> tuple[list[Encoded], EncodeStats]:
     """Encode many chats; returns the kept encodings (input order) and counts of what was cut."""
-    from tqdm.auto import tqdm
+    from sage_jax.progress import progress as progress_bar
 
     out, st = [], EncodeStats()
-    bar = tqdm(dialogues_messages, desc="tokenize", unit="dlg", disable=not progress)
-    for idx, messages in enumerate(bar):
+    total = len(dialogues_messages) if hasattr(dialogues_messages, "__len__") else None
+    bar = progress_bar(total, "tokenize", unit="dlg", show=progress)
+    for idx, messages in enumerate(dialogues_messages):
+        bar.update(1)
         st.dialogues += 1
         try:
             enc = encode_dialogue(messages, tokenizer, template=template, max_len=max_len, latent_chars=latent_chars)
@@ -179,4 +181,5 @@ def encode_many(
         st.turns_dropped += enc.truncated_turns
         st.tokens += len(enc.tokens)
         st.supervised_tokens += int(enc.loss_mask.sum())
+    bar.close()
     return out, st

@@ -406,7 +406,7 @@ def run_eq_bench(backend: Any, output: str | os.PathLike, cfg: EQBenchConfig = E
     """
     import hashlib
 
-    from tqdm.auto import tqdm
+    from sage_jax.progress import progress as progress_bar
 
     from sage_jax.data.jsonl import JsonlWriter
     from sage_jax.eval.generation import make_chat_backend
@@ -424,7 +424,7 @@ def run_eq_bench(backend: Any, output: str | os.PathLike, cfg: EQBenchConfig = E
     prompts = {q.id: build_prompt(q.prompt, qid=q.id) for q in todo}
     batch = getattr(chat, "batch_size", 16) if chat is not None else 16
     batch = max(batch, 16)
-    bar = tqdm(total=len(todo), desc="eq-bench", unit="q", disable=None if cfg.progress is None else not cfg.progress)
+    bar = progress_bar(len(todo), "eq-bench", unit="q", show=cfg.progress)
     try:
         with JsonlWriter(out, append=True) as w:
             for s in range(0, len(todo), batch):

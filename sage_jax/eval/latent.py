@@ -155,7 +155,7 @@ def generated_field_accuracy(chat, dialogues, *, max_turns: int | None = None, m
     ``output``: optional per-turn JSONL (dialogue id, turn, generated text, parsed and reference latents,
     field scores), rewritten each call.
     """
-    from tqdm.auto import tqdm
+    from sage_jax.progress import progress as progress_bar
 
     from sage_jax.sac import DEFAULT_SCHEMA, parse_assistant_lenient, to_messages
     from sage_jax.sac.dialogue import latent_to_json
@@ -179,7 +179,7 @@ def generated_field_accuracy(chat, dialogues, *, max_turns: int | None = None, m
     sums = dict.fromkeys(keys, 0.0)
     parsed_ok = blocks_ok = 0
     recs = []
-    bar = tqdm(total=len(items), desc="latent-eval", unit="turn", disable=None if progress is None else not progress)
+    bar = progress_bar(len(items), "latent-eval", unit="turn", show=progress)
     step = max(1, getattr(chat, "batch_size", 16))
     for s in range(0, len(items), step):
         chunk = items[s:s + step]

@@ -172,7 +172,7 @@ def generate_answers(backend: Any, questions: Sequence[MTQuestion], output: str 
     category, model, turns [answer 1, answer 2] (None where it failed), errors, temperature.
     ``temperature`` None: FastChat's per-category temperatures (:data:`TEMPERATURE`).
     """
-    from tqdm.auto import tqdm
+    from sage_jax.progress import progress as progress_bar
 
     from sage_jax.data.jsonl import JsonlWriter
     from sage_jax.eval.generation import make_chat_backend
@@ -184,8 +184,7 @@ def generate_answers(backend: Any, questions: Sequence[MTQuestion], output: str 
         return {q.id: done[q.id] for q in questions}
     chat = make_chat_backend(backend, **backend_options)
     batch = max(getattr(chat, "batch_size", 16), 16)
-    bar = tqdm(total=len(todo), desc=f"mt-bench answers ({chat.name})", unit="q",
-               disable=None if progress is None else not progress)
+    bar = progress_bar(len(todo), f"mt-bench answers ({chat.name})", unit="q", show=progress)
     try:
         with JsonlWriter(out, append=True) as w:
             for s in range(0, len(todo), batch):
@@ -402,7 +401,7 @@ def judge_single(judge: Any, questions: Sequence[MTQuestion], answers: Mapping[s
     """Single-answer grading of ``answers`` (question id -> record or list of turn answers), one JSONL
     record per (question, turn): id, question_id, turn, category, model, judge, prompt, judgment,
     rating (None if failed), failure, tries. Resumable."""
-    from tqdm.auto import tqdm
+    from sage_jax.progress import progress as progress_bar
 
     from sage_jax.data.jsonl import JsonlWriter
     from sage_jax.eval.generation import make_chat_backend
@@ -412,7 +411,7 @@ def judge_single(judge: Any, questions: Sequence[MTQuestion], answers: Mapping[s
     todo = _pending_pairs(questions, answers, turns, done)
     if todo:
         judge = make_chat_backend(judge)
-        bar = tqdm(total=len(todo), desc="mt-bench single", unit="j", disable=None if progress is None else not progress)
+        bar = progress_bar(len(todo), "mt-bench single", unit="j", show=progress)
         with JsonlWriter(out, append=True) as w:
             for s in range(0, len(todo), batch_size):
                 chunk, msgs, meta = todo[s:s + batch_size], [], []
@@ -450,7 +449,7 @@ def judge_pairwise(judge: Any, questions: Sequence[MTQuestion], answers: Mapping
     """Pairwise grading, model vs baseline, both orders: game 1 = (model as A, baseline as B), game 2
     swapped. One JSONL record per (question, turn): g1/g2 judgment + verdict + failure, winner
     (model | baseline | tie | error). Resumable."""
-    from tqdm.auto import tqdm
+    from sage_jax.progress import progress as progress_bar
 
     from sage_jax.data.jsonl import JsonlWriter
     from sage_jax.eval.generation import make_chat_backend
@@ -460,8 +459,7 @@ def judge_pairwise(judge: Any, questions: Sequence[MTQuestion], answers: Mapping
     todo = _pending_pairs(questions, answers, turns, done)
     if todo:
         judge = make_chat_backend(judge)
-        bar = tqdm(total=len(todo), desc="mt-bench pairwise", unit="pair",
-                   disable=None if progress is None else not progress)
+        bar = progress_bar(len(todo), "mt-bench pairwise", unit="pair", show=progress)
         with JsonlWriter(out, append=True) as w:
             for s in range(0, len(todo), batch_size):
                 chunk, msgs, meta = todo[s:s + batch_size], [], []

@@ -296,7 +296,8 @@ def annotate_file(input: str | os.PathLike, output: str | os.PathLike, judge: Ju
     ``OUT.failures.jsonl``, rewritten each run: failed ids are tried again on the next run).
     ``limit`` caps the dialogues annotated in this run. ``kw``: see :func:`annotate_dialogues`.
     """
-    from sage_jax.data.jsonl import JsonlWriter, done_ids, progress_bar
+    from sage_jax.data.jsonl import JsonlWriter, done_ids
+    from sage_jax.progress import progress as progress_bar
 
     output = Path(output)
     fpath = Path(failures_path) if failures_path is not None else output.with_name(
@@ -316,7 +317,7 @@ def annotate_file(input: str | os.PathLike, output: str | os.PathLike, judge: Ju
     if limit is not None:
         todo = todo[:max(0, int(limit))]
     with JsonlWriter(output, append=True) as w, JsonlWriter(fpath, append=False) as fw, \
-            progress_bar(len(todo), "annotate", progress, unit="dlg") as bar:
+            progress_bar(len(todo), "annotate", unit="dlg", leave=False, show=progress) as bar:
         for _, res in iter_annotate(judge, todo, chunk_size=chunk_size, **kw):
             if isinstance(res, Dialogue):
                 w.write(res)

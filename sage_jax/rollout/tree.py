@@ -203,7 +203,9 @@ def run_search(cfg: SearchConfig) -> dict:
     """Search every seed not yet finished in output_dir; returns counts and output paths."""
     from sage_jax.data.readers import read_seeds
     from sage_jax.judge import make_judge
-    from sage_jax.train.metrics import progress
+    import jax
+
+    from sage_jax.progress import progress
 
     if cfg.k < 1 or cfg.turns < 1:
         raise ValueError("search: k and turns must be >= 1")
@@ -224,7 +226,7 @@ def run_search(cfg: SearchConfig) -> dict:
     judge = make_judge(cfg.judge, cache_dir=cfg.judge_cache or out / "judge_cache")
     (out / "trees").mkdir(exist_ok=True)
     writers = {n: JsonlWriter(out / f"{n}.jsonl") for n in ("trajectories", "sft", "pairs", "trees")}
-    bar = progress(len(todo), "search", unit="dialogue")
+    bar = progress(len(todo), "search", unit="dialogue", show=jax.process_index() == 0)
     try:
         for b in range(0, len(todo), cfg.batch_seeds):
             batch = todo[b: b + cfg.batch_seeds]

@@ -6,9 +6,11 @@ One :class:`Checkpointer` per run directory. Each step directory holds a few Orb
         state/       StandardSave: the train-state pytree (params or LoRA params, optimizer
                      state, step counter, PRNG key ...); every host writes its own shards.
         meta/        JSON (process 0): format version, step, process count, which leaves
-                     are typed PRNG keys and their implementation.
-        data/        per-process JSON ``process_<i>-of-<n>.json``: the Grain iterator state of
-                     each host (hosts read different shards, so their states differ).
+                     are typed PRNG keys (saved as ``jax.random.key_data``) and their
+                     implementation (for ``jax.random.wrap_key_data`` on restore).
+        data/        Grain's own Orbax handler (``grain.checkpoint.CheckpointHandler``): one
+                     ``process_<i>-of-<n>.json`` per host with its data-iterator state (hosts
+                     read different shards, so their states differ).
         config/      JSON (process 0): the resolved run config.
         tokenizer/   JSON (process 0): ``{"files": {relative name: {"text": ...} | {"base64": ...}}}``,
                      every file of the tokenizer directory, written back by
@@ -22,9 +24,12 @@ A step directory that was never finalised (a crash mid-save) is not a checkpoint
 ignored by ``latest_step``/``restore`` and removed when a writable Checkpointer opens the
 directory.
 
-Every host must call ``save``/``restore`` with the same step (they are collectives); the
-schedule (:meth:`Checkpointer.should_save`) is a pure function of the step, so every host
-decides the same way.
+When to save is Orbax's decision (:meth:`Checkpointer.should_save` is
+``CheckpointManager.should_save``): a ``FixedIntervalPolicy(save_every)``, Orbax's
+``PreemptionCheckpointingPolicy`` (JAX's preemption sync point, multi-host) and, when a
+:class:`~sage_jax.train.preemption.PreemptionGuard` is given, its SIGTERM hook (see there).
+Every host must call ``save``/``restore`` with the same step (they are collectives); every
+policy decides the same way on every host.
 """
 
 from __future__ import annotations
@@ -36,54 +41,21 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
+import grain.checkpoint as grain_ckpt
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+if TYPE_CHECKING:
+    from sage_jax.train.preemption import PreemptionGuard
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE, META, DATA, CONFIG, TOKENIZER = "state", "meta", "data", "config", "tokenizer"
-
-
-# --------------------------------------------------------------------------------------------
-# per-process JSON item (the data iterator state differs per host)
-# --------------------------------------------------------------------------------------------
-
-
-class PerProcessJsonHandler(ocp.handlers.JsonCheckpointHandler):
-    """A JSON item where every process writes and reads its own ``process_<i>-of-<n>.json``.
-
-    Built on Orbax's ``JsonCheckpointHandler`` (so it shares its async commit path, which waits
-    for the item directory to exist); only the file name and ``primary_host=None`` (every host
-    writes) differ. The handler is constructed by Orbax with no arguments, after
-    ``jax.distributed`` is initialised, so the process index is read here.
-    """
-
-    def __init__(self):
-        super().__init__(
-            filename=per_process_filename(jax.process_index(), jax.process_count()),
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None),
-        )
-
-
-def per_process_filename(process_index: int, process_count: int) -> str:
-    return f"process_{process_index}-of-{process_count}.json"
-
-
-@ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
-@dataclasses.dataclass
-class PerProcessJsonSave(ocp.args.CheckpointArgs):
-    item: Any
-
-
-@ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
-@dataclasses.dataclass
-class PerProcessJsonRestore(ocp.args.CheckpointArgs):
-    item: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +69,7 @@ class Restored:
 
     step: int
     state: Any
-    data_state: dict | None = None
+    data_restored: bool = False  # the data iterator given to restore() now continues from the checkpoint
     config: dict | None = None
     meta: dict | None = None
 
@@ -127,16 +99,15 @@ def _key_impl_name(key: jax.Array) -> str:
     return impl if isinstance(impl, str) else getattr(impl, "name", str(impl))
 
 
-def _wrap_key(data: jax.Array, impl_name: str | None, key_dtype: Any) -> jax.Array:
-    """Typed key from its saved ``uint32`` data: the implementation recorded at save time, else
-    the one of the requested key dtype (private attribute; jax has no public accessor for it)."""
-    if impl_name:
-        try:
-            return jax.random.wrap_key_data(data, impl=impl_name)
-        except (TypeError, ValueError, KeyError):
-            pass
-    impl = getattr(key_dtype, "_impl", None)
-    return jax.random.wrap_key_data(data, impl=impl) if impl is not None else jax.random.wrap_key_data(data)
+def key_to_saveable(key: jax.Array) -> jax.Array:
+    """A typed PRNG key as it is stored in a checkpoint: its ``jax.random.key_data`` (``uint32``)."""
+    return jax.random.key_data(key)
+
+
+def key_from_saved(data: jax.Array, impl_name: str | None) -> jax.Array:
+    """Inverse of :func:`key_to_saveable`: ``jax.random.wrap_key_data`` with the implementation
+    recorded at save time (``None``: JAX's default implementation)."""
+    return jax.random.wrap_key_data(data, impl=impl_name) if impl_name else jax.random.wrap_key_data(data)
 
 
 def _abstract_leaf(x: Any) -> Any:
@@ -205,12 +176,15 @@ class Checkpointer:
 
     Args:
       directory: the run's checkpoint root (local path or anything ``etils.epath`` opens).
-      save_every: :meth:`should_save` is true every ``save_every`` steps (``0``: never; save the
-        end of the run and preemptions with ``force=True``).
+      save_every: :meth:`should_save` is true every ``save_every`` steps (``0``: only on
+        preemption; save the end of the run with ``force=True``).
       keep: how many of the most recent checkpoints to keep (``None``: all).
       async_save: write in a background thread (``False``: ``save`` returns when committed).
       read_only: open an existing directory for restores only (tools such as export or chat on
         a directory a trainer may be writing to: never deletes anything).
+      preemption: a :class:`~sage_jax.train.preemption.PreemptionGuard` whose SIGTERM hook
+        feeds :meth:`should_save` (Orbax's own preemption policy only sees JAX's multi-host
+        preemption sync point, never a plain SIGTERM to a single process).
     """
 
     def __init__(
@@ -221,6 +195,7 @@ class Checkpointer:
         keep: int | None = 3,
         async_save: bool = True,
         read_only: bool = False,
+        preemption: "PreemptionGuard | None" = None,
     ):
         if save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {save_every}")
@@ -234,8 +209,18 @@ class Checkpointer:
         self.read_only = bool(read_only)
         self._tokenizer_cache: tuple[Any, dict] | None = None
         self._closed = False
+        cm = ocp.checkpoint_managers
+        # The policies CheckpointManagerOptions(save_interval_steps=N) builds, minus its
+        # InitialSavePolicy (a checkpoint after the first step of every fresh run), plus the
+        # guard's SIGTERM hook: Orbax takes either save_interval_steps or a save_decision_policy,
+        # and only the latter can carry the hook.
+        policies: list[Any] = [cm.FixedIntervalPolicy(self.save_every)] if self.save_every else []
+        policies.append(cm.PreemptionCheckpointingPolicy())
+        if preemption is not None:
+            policies.append(preemption.save_policy())
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            save_decision_policy=cm.AnySavePolicy(policies),
+            preservation_policy=cm.LatestN(n=keep),
             enable_async_checkpointing=self.async_save,
             read_only=self.read_only,
             create=not self.read_only,
@@ -260,12 +245,12 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def should_save(self, step: int) -> bool:
-        """Whether the regular schedule saves at ``step`` (``step % save_every == 0``, ``step > 0``,
-        not already saved). A pure function of the step: every host agrees."""
-        if self.read_only or self.save_every <= 0 or step <= 0 or step % self.save_every:
+        """Whether to save at ``step`` (> 0, newer than the latest checkpoint): Orbax's
+        ``CheckpointManager.should_save`` with the policies above (every ``save_every`` steps, or
+        a preemption). Every host agrees; with a multi-host preemption guard it is a collective."""
+        if self.read_only or step <= 0:
             return False
-        latest = self._mngr.latest_step()
-        return latest is None or step > latest
+        return self._mngr.should_save(int(step))
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(int(step))
@@ -286,14 +271,16 @@ class Checkpointer:
         step: int,
         *,
         state: Any,
-        data_state: Mapping[str, Any] | None = None,
+        data_iter: Any = None,
         config: Mapping[str, Any] | None = None,
         tokenizer_dir: str | os.PathLike | None = None,
         force: bool = False,
     ) -> bool:
         """Save ``step`` if the schedule says so (or ``force``); returns whether a save started.
 
-        Call on every host with the same arguments except ``data_state`` (each host's own).
+        Call on every host with the same arguments except ``data_iter`` (each host's own Grain
+        iterator, ``grain.DatasetIterator`` or ``grain.DataLoaderIterator``: its state is taken
+        now, by Grain's checkpoint handler, in the blocking part of the save).
         A step that is already saved is never overwritten (returns ``False``). With
         ``async_save`` this returns once arrays are on the host; call :meth:`wait` to block
         until the checkpoint is committed (before exiting, e.g. on preemption). Orbax first
@@ -313,7 +300,7 @@ class Checkpointer:
         def to_saveable(path, x):
             if _is_prng_key(x):
                 key_impls[jax.tree_util.keystr(path)] = _key_impl_name(x)
-                return jax.random.key_data(x)
+                return key_to_saveable(x)
             return x
 
         saveable = jax.tree_util.tree_map_with_path(to_saveable, state)
@@ -326,8 +313,8 @@ class Checkpointer:
             "items": [STATE, META],
             "saved_at": time.time(),
         }
-        if data_state is not None:
-            items[DATA] = PerProcessJsonSave(_frozen_json(dict(data_state), "data_state"))
+        if data_iter is not None:
+            items[DATA] = grain_ckpt.CheckpointSave(data_iter)
             meta["items"].append(DATA)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(_frozen_json(dict(config), "config"))
@@ -382,6 +369,7 @@ class Checkpointer:
         abstract_state: Any,
         step: int | None = None,
         *,
+        data_iter: Any = None,
         data: bool = True,
         config: bool = True,
     ) -> Restored:
@@ -390,8 +378,10 @@ class Checkpointer:
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` (concrete
         ``jax.Array`` leaves are also accepted and only their shape/dtype/sharding used); each
         array is read straight into its sharding, which may differ from the saved one (resharding
-        on restore). Typed PRNG key leaves (``jax.random.key`` dtype) come back as typed keys.
-        Call on every host; each gets its own ``data_state``.
+        on restore). Typed PRNG key leaves (``jax.random.key`` dtype) come back as typed keys
+        (:func:`key_from_saved`). ``data_iter``: a fresh Grain iterator of the same pipeline, set
+        in place by Grain's handler to this host's saved position (``data=False``: leave it
+        alone, restarting the data pipeline). Call on every host.
         """
         step = self._resolve_step(step)
         abstract = jax.tree.map(_abstract_leaf, abstract_state)
@@ -410,17 +400,17 @@ class Checkpointer:
         target = treedef.unflatten(target_leaves)
 
         items: dict[str, Any] = {STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}
-        want_data = data and self._has_item(step, DATA)
+        want_data = data and data_iter is not None and self._has_item(step, DATA)
         want_config = config and self._has_item(step, CONFIG)
         if want_data:
-            fname = per_process_filename(jax.process_index(), jax.process_count())
+            fname = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # Grain's name
             if not (self.step_dir(step) / DATA / fname).exists():
                 found = sorted(p.name for p in (self.step_dir(step) / DATA).iterdir())
                 raise FileNotFoundError(
                     f"checkpoint step {step} has no data-iterator state {fname} for this host "
                     f"(found {found}); the process count changed? Restore with data=False to "
                     f"restart the data pipeline instead.")
-            items[DATA] = PerProcessJsonRestore()
+            items[DATA] = grain_ckpt.CheckpointRestore(data_iter)
         if want_config:
             items[CONFIG] = ocp.args.JsonRestore()
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
@@ -430,7 +420,7 @@ class Checkpointer:
         restored_leaves = treedef.flatten_up_to(out[STATE])
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
         for i, leaf in key_info.items():
-            key = _wrap_key(restored_leaves[i], impls.get(paths[i]), leaf.dtype)
+            key = key_from_saved(restored_leaves[i], impls.get(paths[i]))
             want = getattr(leaf, "sharding", None)
             if want is not None and key.sharding != want:
                 key = jax.device_put(key, want)
@@ -438,7 +428,7 @@ class Checkpointer:
         return Restored(
             step=step,
             state=treedef.unflatten(restored_leaves),
-            data_state=dict(out[DATA]) if want_data else None,
+            data_restored=want_data,
             config=dict(out[CONFIG]) if want_config else None,
             meta=meta,
         )

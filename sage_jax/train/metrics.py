@@ -1,5 +1,5 @@
 """Training metrics: JSONL (always) and TensorBoard (optional), fetched without per-step host syncs;
-a tqdm progress bar; model FLOPs utilisation.
+model FLOPs utilisation. (The progress bar is :mod:`sage_jax.progress`.)
 
 ``MetricsWriter.write(step, metrics)`` takes values that may still be computing on the device. It
 starts their device-to-host copies and queues them; a step's values are fetched only once ``lag``
@@ -183,63 +183,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics JSONL (for tests and reports)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-# --------------------------------------------------------------------------------------------
-# progress bar
-# --------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A tqdm bar with rate and ETA; postfix values are host numbers (format ``{:.4g}``)."""
-
-    def __init__(self, total: int | None, desc: str = "", *, initial: int = 0, unit: str = "step",
-                 disable: bool | None = None, file: Any = None):
-        from tqdm.auto import tqdm
-
-        if disable is None:
-            disable = jax.process_index() != 0
-        self._n = int(initial)
-        self._bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=disable,
-                         dynamic_ncols=True, mininterval=0.5, smoothing=0.1, file=file)
-
-    def update(self, n: int = 1, postfix: Mapping[str, Any] | None = None) -> None:
-        if postfix:
-            self.set_postfix(postfix)
-        self._n += n
-        self._bar.update(n)
-
-    def set_postfix(self, postfix: Mapping[str, Any]) -> None:
-        items = {}
-        for k, v in postfix.items():
-            if isinstance(v, jax.Array):
-                continue  # never sync on the device from a progress bar
-            if isinstance(v, (float, np.floating)):
-                items[k] = f"{float(v):.4g}"
-            elif isinstance(v, (int, np.integer, str)):
-                items[k] = v
-        self._bar.set_postfix(items, refresh=False)
-
-    @property
-    def n(self) -> int:
-        """Units done so far (counted even when the bar is disabled)."""
-        return self._n
-
-    def close(self) -> None:
-        self._bar.close()
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress(total: int | None, desc: str = "", *, initial: int = 0, unit: str = "step",
-             disable: bool | None = None, file: Any = None) -> Progress:
-    """A progress bar over ``total`` units starting at ``initial`` (resume), shown on process 0
-    (``file``: default stderr)."""
-    return Progress(total, desc, initial=initial, unit=unit, disable=disable, file=file)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Preemption (SIGTERM) handling for training loops.
+"""Preemption (SIGTERM) handling for training loops, on top of Orbax's.
 
 Usage::
 
-    with PreemptionGuard() as guard:
+    guard = PreemptionGuard()
+    ckpt = Checkpointer(directory, save_every=100, preemption=guard)   # the guard feeds should_save
+    with guard:
         for step in range(start, total):
             state, metrics = train_step(state, batch)
-            if guard.should_stop(step + 1):          # the same answer on every host
-                ckpt.save(step + 1, state=state, data_state=it.get_state(), force=True)
+            ckpt.save(step + 1, state=state, data_iter=it)  # Orbax decides: interval or preemption
+            if guard.should_stop(step + 1):                 # the same answer on every host
                 ckpt.wait()
                 break
     # exit 0: the scheduler restarts the job, which resumes from the checkpoint
@@ -14,12 +16,15 @@ Usage::
 ``guard.requested`` is this process's own flag (set by the signal handler).
 ``guard.should_stop(step)`` is the decision every host must take together:
 
-- one process: a plain read of the flag;
 - several processes with JAX's preemption sync manager (``jax.distributed.initialize`` starts it
-  unless ``jax_enable_preemption_service`` is off): ``multihost_utils.reached_preemption_sync_point``,
-  which the coordination service turns true on all hosts at the same step once any host got
-  SIGTERM. In this mode the guard leaves SIGTERM to JAX's own (C++) handler; a Python handler
-  would replace it and the service would never hear of the preemption;
+  unless ``jax_enable_preemption_service`` is off): Orbax's ``reached_preemption`` (JAX's
+  preemption sync point, which the coordination service turns true on all hosts at the same step
+  once any host got SIGTERM; the same check as Orbax's ``PreemptionCheckpointingPolicy``). In
+  this mode the guard leaves SIGTERM to JAX's own (C++) handler; a Python handler would replace
+  it and the service would never hear of the preemption;
+- one process: Orbax cannot see a plain SIGTERM there (no sync manager runs without
+  ``jax.distributed``), so a minimal Python signal hook sets a flag, which the guard's
+  :meth:`PreemptionGuard.save_policy` feeds into Orbax's ``should_save``;
 - several processes without it: the flags are OR-ed across hosts with
   ``multihost_utils.process_allgather`` every ``sync_every`` steps.
 
@@ -37,6 +42,7 @@ from typing import Iterable
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class PreemptionGuard:
         self._old: dict[int, object] = {}
         self._mode = "local"
         self._stopped = False
+        self._decided: tuple[int, bool] | None = None  # (step, decision): one collective per step
 
     # ---- context manager ----------------------------------------------------------------
 
@@ -136,22 +143,39 @@ class PreemptionGuard:
         """Whether to save and stop at ``step``; the same answer on every process.
 
         One process: a plain read of :attr:`requested`. Several: a collective (see module doc);
-        call it on every host at every step.
+        call it on every host at every step (a second call for the same step reuses the answer).
         """
+        step = int(step)
         if self._stopped:
             return True
+        if self._decided is not None and self._decided[0] == step:
+            return self._decided[1]
         if self._mode == "local":
             decided = self.requested
         elif self._mode == "jax":
-            from jax.experimental import multihost_utils
-
-            decided = bool(multihost_utils.reached_preemption_sync_point(int(step)))
+            decided = bool(ocp.multihost.reached_preemption(step))
+        elif step % self.sync_every:
+            decided = False
         else:
-            if int(step) % self.sync_every:
-                return False
             decided = any_process(self.requested)
+        self._decided = (step, decided)
         self._stopped = decided
         return decided
+
+    def save_policy(self) -> "ocp.checkpoint_managers.SaveDecisionPolicy":
+        """An Orbax ``SaveDecisionPolicy`` that saves when :meth:`should_stop` says so (what
+        :class:`~sage_jax.train.checkpoint.Checkpointer` adds to its policies)."""
+        return _GuardPolicy(self)
+
+
+class _GuardPolicy(ocp.checkpoint_managers.SaveDecisionPolicy):
+    """Orbax save policy: save at the step where the guard decides to stop."""
+
+    def __init__(self, guard: PreemptionGuard):
+        self.guard = guard
+
+    def should_save(self, step, previous_steps, *, context) -> bool:  # noqa: ARG002
+        return self.guard.should_stop(step.step)
 
 
 def any_process(flag: bool) -> bool:

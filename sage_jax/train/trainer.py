@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding
 
 from sage_jax.model.config import ModelConfig
 from sage_jax.train.checkpoint import Checkpointer, abstract_like
-from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info, progress
+from sage_jax.progress import progress
+from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info
 from sage_jax.train.preemption import PreemptionGuard
 
 
@@ -167,14 +168,13 @@ def train_loop(
     log_every: int = 1,
 ) -> tuple[dict, LoopResult]:
     """Run (or resume) a training loop; returns the final state and a summary."""
-    ckpt = Checkpointer(output_dir / "checkpoints", save_every=save_every, keep=keep)
+    data_iter = batches if hasattr(batches, "get_state") else None  # a Grain iterator: checkpointed by Grain
+    guard = PreemptionGuard()
+    ckpt = Checkpointer(output_dir / "checkpoints", save_every=save_every, keep=keep, preemption=guard)
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
-        restored = ckpt.restore(abstract_like(state), latest)
-        state = restored.state
-        if restored.data_state is not None and hasattr(batches, "set_state"):
-            batches.set_state(restored.data_state)
+        state = ckpt.restore(abstract_like(state), latest, data_iter=data_iter).state
         start = latest
     metrics = MetricsWriter(output_dir / "logs", tensorboard=tensorboard, resume_step=start if latest else None)
     peak, peak_label = peak_flops_info()
@@ -192,16 +192,15 @@ def train_loop(
                 f.write(json.dumps(result) + "\n")
 
     def save(step: int, force: bool = False) -> None:
-        data_state = batches.get_state() if hasattr(batches, "get_state") else None
-        ckpt.save(step, state=state, data_state=data_state, config=run_config, tokenizer_dir=tokenizer_dir,
+        ckpt.save(step, state=state, data_iter=data_iter, config=run_config, tokenizer_dir=tokenizer_dir,
                   force=force)
 
     if start == 0:
         run_eval(0)
-    bar = progress(total_steps, "train", initial=start)
+    bar = progress(total_steps, "train", unit="step", initial=start, show=jax.process_index() == 0)
     preempted, done = False, start
     t_last, tokens_since, prev = time.perf_counter(), 0, None
-    with PreemptionGuard() as guard:
+    with guard:
         for step in range(start, total_steps):
             host_batch = next(batches)
             tokens_since += tokens_in(host_batch)
@@ -221,10 +220,8 @@ def train_loop(
                 bar.update(done - bar.n, postfix={k: last[k] for k in ("loss", "tokens_per_s") if k in last})
             if eval_every and done % eval_every == 0 and done != total_steps:
                 run_eval(done)
-            if ckpt.should_save(done):
-                save(done)
-            if guard.should_stop(done):
-                save(done, force=True)
+            save(done)  # if Orbax's policies say so: every save_every steps, or a preemption (SIGTERM)
+            if guard.should_stop(done):  # saved just above
                 preempted = True
                 break
     bar.close()

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
 
-from sage_jax.data.jsonl import ReadReport, RecordError, progress_bar
+from sage_jax.data.jsonl import ReadReport, RecordError
+from sage_jax.progress import progress as progress_bar
 from sage_jax.data.readers._common import SPLIT_ORDER, split_name
 from sage_jax.sac import DAILYDIALOG_ACTS, DAILYDIALOG_EMOTIONS, Dialogue, Latent, SACFormatError, Turn
 
@@ -95,7 +96,8 @@ def iter_file(path: Path, split: str, report: ReadReport, progress: bool | None 
         if not f.is_file():
             raise FileNotFoundError(f"{path}: DailyDialog label file {f.name} not found next to it")
     with (open(path, encoding="utf-8") as ft, open(act_file, encoding="utf-8") as fa,
-          open(emo_file, encoding="utf-8") as fe, progress_bar(None, path.name, progress, unit="dlg") as bar):
+          open(emo_file, encoding="utf-8") as fe,
+          progress_bar(None, path.name, unit="dlg", unit_scale=True, leave=False, show=progress) as bar):
         for line_no, (text, act, emo) in enumerate(zip_longest(ft, fa, fe), 1):
             bar.update(1)
             if text is None:  # label files longer than the text file

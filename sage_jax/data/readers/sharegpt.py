@@ -19,7 +19,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sage_jax.data.jsonl import ReadReport, RecordError, progress_bar
+from sage_jax.data.jsonl import ReadReport, RecordError
+from sage_jax.progress import progress as progress_bar
 from sage_jax.data.readers._common import bad, convert_json_lines, type_name
 from sage_jax.sac import Dialogue, SACFormatError, Turn
 
@@ -92,7 +93,7 @@ def _iter_json_array(path: Path, report: ReadReport, progress: bool | None) -> I
         raise RecordError(path, text.count("\n", 0, p) + 1, "<json>", "expected a JSON list of conversations "
                           "(or JSONL: use a .jsonl extension)")
     p, line, last, index = _skip(text, p + 1), 1, 0, 0
-    with progress_bar(len(text), path.name, progress, unit="chr") as bar:
+    with progress_bar(len(text), path.name, unit="chr", unit_scale=True, leave=False, show=progress) as bar:
         while p < len(text) and text[p] != "]":
             line += text.count("\n", last, p)
             last = p

@@ -16,7 +16,7 @@ import time
 from sage_jax.judge import make_judge, select_best
 from sage_jax.rollout.policy import load_policy
 from sage_jax.rollout.selfplay import Episode
-from sage_jax.rollout.tree import SearchConfig, expand
+from sage_jax.search.tree import SearchConfig, expand
 
 
 def main() -> None:

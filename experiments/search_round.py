@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from experiments.common import experiment_main
-from sage_jax.rollout.tree import SearchConfig, run_search
+from sage_jax.search.tree import SearchConfig, run_search
 
 
 @dataclasses.dataclass(frozen=True)

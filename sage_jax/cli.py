@@ -67,14 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     from sage_jax.data.cli import register as register_data
     from sage_jax.eval.cli import register as register_eval
     from sage_jax.judge.cli import register as register_judge
-    from sage_jax.rollout.cli import register as register_rollout
+    from sage_jax.search.cli import register as register_search
     from sage_jax.serve.cli import register as register_serve
     from sage_jax.train.cli import register as register_train
 
     register_data(sub)
     register_judge(sub)
     register_train(sub)
-    register_rollout(sub)
+    register_search(sub)
+    add_config_command(sub, "compare", "sage_jax.eval.compare:CompareConfig:run_compare",
+                       show="sage_jax.eval.compare:format_table",
+                       help="A/B compare two rollout sets in both orders (consensus table)",
+                       description="Fields of CompareConfig (sage_jax/eval/compare.py): a=A.jsonl b=B.jsonl "
+                                   "judge=SPEC output=DIR",
+                       example="a=runs/demo/base/trajectories.jsonl b=runs/demo/final/trajectories.jsonl "
+                               "judge=rules: output=runs/compare")
     register_eval(sub)
     register_serve(sub)
     return parser

@@ -48,7 +48,7 @@ def tiny_model(out: Path) -> Path:
 
 
 def loop_config(cfg: DemoConfig, base: str, out: Path) -> LoopConfig:
-    from sage_jax.rollout.tree import SearchConfig
+    from sage_jax.search.tree import SearchConfig
     from sage_jax.train.dpo import DPORunConfig
     from sage_jax.train.sft import SFTConfig
     from sage_jax.parallel import MeshConfig
@@ -72,7 +72,7 @@ def loop_config(cfg: DemoConfig, base: str, out: Path) -> LoopConfig:
 def run_demo(cfg: DemoConfig) -> Path:
     from sage_jax.eval.compare import CompareConfig, run_compare
     from sage_jax.report import write_report
-    from sage_jax.rollout.tree import run_search
+    from sage_jax.search.tree import run_search
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

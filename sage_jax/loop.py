@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 from sage_jax.config import to_dict
-from sage_jax.rollout.tree import SearchConfig, run_search
+from sage_jax.model.loader import load_run
+from sage_jax.search.tree import SearchConfig, run_search
 from sage_jax.train.dpo import DPORunConfig, run_dpo
 from sage_jax.train.sft import SFTConfig, run_sft
-from sage_jax.train.trainer import load_trained
 
 
 def _sample_files() -> tuple[str, ...]:
@@ -69,7 +69,7 @@ def export_model(run_dir: Path, out: Path) -> Path:
 
     from sage_jax.model import save_hf
 
-    cfg, params, tok_dir, _ = load_trained(run_dir)
+    cfg, params, tok_dir, _ = load_run(run_dir)
     return save_hf(out, cfg, params, tokenizer=AutoTokenizer.from_pretrained(tok_dir))
 
 

@@ -13,7 +13,7 @@ from sage_jax.data.jsonl import read_sac
 from sage_jax.data.pairs import read_pairs
 from sage_jax.eval.compare import CompareConfig, consensus_table, run_compare
 from sage_jax.rollout.selfplay import trim_user_reply
-from sage_jax.rollout.tree import SearchConfig, run_search
+from sage_jax.search.tree import SearchConfig, run_search
 
 
 def test_user_replies_are_trimmed_after_question_or_emoticon():

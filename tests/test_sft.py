@@ -15,7 +15,7 @@ import transformers
 from sage_jax import model
 from sage_jax.data.sample import sample_path
 from sage_jax.train.sft import SFTConfig, run_sft
-from sage_jax.train.trainer import ModelSpec, load_trained
+from sage_jax.model.loader import ModelSpec, load_run
 
 
 def overrides(tiny_dir, out, steps=8, extra=()):
@@ -40,7 +40,7 @@ def test_lora_sft_learns_and_exports(tiny_dir, tmp_path):
     assert all(np.isfinite(x["loss"]) and x["tokens_per_s"] > 0 for x in lines if "loss" in x)
 
     # export-hf of the LoRA run: transformers loads it, same logits as our merged model.
-    cfg_m, params, tok_dir, step = load_trained(tmp_path / "run")
+    cfg_m, params, tok_dir, step = load_run(tmp_path / "run")
     assert step == 6
     out = model.save_hf(tmp_path / "hf", cfg_m, params, tokenizer=transformers.AutoTokenizer.from_pretrained(tok_dir))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -110,8 +110,8 @@ def test_resume_after_sigkill_and_sigterm_is_exact(tiny_dir, tmp_path):
     ck.close()
     subprocess.run(_cmd(tiny_dir, out), env=env, check=True, capture_output=True)
 
-    _, ref_params, _, ref_step = load_trained(ref_out)
-    _, params, _, step = load_trained(out)
+    _, ref_params, _, ref_step = load_run(ref_out)
+    _, params, _, step = load_run(out)
     assert step == ref_step == 8
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax_leaves(params), jax_leaves(ref_params))]

@@ -7,7 +7,7 @@
 Two measures:
 
 * **teacher-forced** (:func:`teacher_forced_accuracy`): the training data path
-  (:func:`sage_jax.train.sft.encode_dialogues` -> :func:`sage_jax.data.packing.pack_examples` ->
+  (:func:`sage_jax.data.encode.encode_dialogues` -> :func:`sage_jax.data.packing.pack_examples` ->
   :func:`sage_jax.train.steps.eval_step`): next-token loss and argmax accuracy over all supervised
   tokens, and argmax accuracy over the tokens of the latent prefixes (``latent_mask``).
 * **generated fields** (:func:`generated_field_accuracy`): for each assistant turn with reference
@@ -121,7 +121,7 @@ def teacher_forced_accuracy(policy, dialogues, *, seq_len: int = 1024, batch_row
 
     from sage_jax.data.packing import pack_examples
     from sage_jax.train import steps
-    from sage_jax.train.sft import encode_dialogues
+    from sage_jax.data.encode import encode_dialogues
 
     examples = encode_dialogues(list(dialogues), policy.tokenizer, policy.template, seq_len, latent_tokens,
                                 "latent-eval")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Sequence
 
+from sage_jax.model import loader
 from sage_jax.model.config import ModelConfig
 
 
@@ -37,20 +37,7 @@ class Policy:
 
 
 def load_policy(path: str, *, template: str | None = None, dtype: str | None = None) -> Policy:
-    """`smollm2`, an HF directory, or a training run directory (its latest checkpoint, LoRA merged)."""
-    from transformers import AutoTokenizer
-
-    from sage_jax.model import load_hf
-    from sage_jax.train.trainer import load_trained, resolve_model_path
-
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        cfg, params, tok_dir, step = load_trained(p)
-        name = f"{p.name}@{step}"
-    else:
-        tok_dir = resolve_model_path(path)
-        cfg, params = load_hf(tok_dir)
-        name = Path(tok_dir).name
-    if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
-    return Policy(cfg, params, AutoTokenizer.from_pretrained(tok_dir), template, name)
+    """`smollm2`, an HF directory, or a training run directory (its latest checkpoint, LoRA merged):
+    see :func:`sage_jax.model.loader.load`."""
+    cfg, params, tokenizer, name = loader.load(path, dtype=dtype)
+    return Policy(cfg, params, tokenizer, template, name)

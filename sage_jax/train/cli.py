@@ -23,11 +23,11 @@ def export_hf(cfg: ExportConfig) -> int:
     from transformers import AutoTokenizer
 
     from sage_jax.model import save_hf
-    from sage_jax.train.trainer import load_trained
+    from sage_jax.model.loader import load_run
 
     if not cfg.run_dir or not cfg.output:
         raise ValueError("export-hf: run_dir= (RUN_DIR) and output= (-o OUT) are required")
-    model_cfg, params, tok_dir, step = load_trained(cfg.run_dir, cfg.step)
+    model_cfg, params, tok_dir, step = load_run(cfg.run_dir, cfg.step)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.exists() else None
     out = save_hf(cfg.output, model_cfg, params, tokenizer=tokenizer)
     print(f"exported step {step} of {cfg.run_dir} to {out}")

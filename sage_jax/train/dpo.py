@@ -21,12 +21,13 @@ import jax
 import numpy as np
 
 from sage_jax.config import to_dict
+from sage_jax.data.encode import split_eval
 from sage_jax.data.pairs import PreferencePair, last_turn_only, read_pairs
 from sage_jax.data.tokenize import encode_dialogue
 from sage_jax.model import num_params
 from sage_jax.train import steps
 from sage_jax.train.losses import DPOConfig
-from sage_jax.train.sft import TrainRunConfig, split_eval
+from sage_jax.train.sft import TrainRunConfig
 from sage_jax.train.trainer import init_train_state, prepare_run, to_global, train_loop
 
 ROW = ("inputs", "targets", "loss_mask", "segment_ids", "positions")

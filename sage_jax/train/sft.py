@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import sys
 
 import jax
@@ -20,13 +19,14 @@ import numpy as np
 
 from sage_jax import parallel
 from sage_jax.config import to_dict
+from sage_jax.data.encode import encode_dialogues, read_dialogues, split_eval
 from sage_jax.data.packing import pack_examples
 from sage_jax.data.pipeline import DataConfig, make_iterator
-from sage_jax.data.tokenize import encode_many
 from sage_jax.model import num_params
 from sage_jax.model.lora import LoraConfig
+from sage_jax.model.loader import ModelSpec
 from sage_jax.train import steps
-from sage_jax.train.trainer import ModelSpec, init_train_state, prepare_run, to_global, train_loop
+from sage_jax.train.trainer import init_train_state, prepare_run, to_global, train_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,49 +59,6 @@ class TrainRunConfig:
 @dataclasses.dataclass(frozen=True)
 class SFTConfig(TrainRunConfig):
     """SFT on SAC dialogues (`train_files`: SAC JSONL)."""
-
-
-def latent_chars(content: str) -> int:
-    """Characters of an assistant content's latent prefix (0 if it has none)."""
-    from sage_jax.sac import strip_latents
-
-    reply = strip_latents(content)
-    if reply == content:
-        return 0
-    return len(content[: len(content) - len(reply)].rstrip())
-
-
-def read_dialogues(files, strict: bool):
-    from sage_jax.data.jsonl import read_sac
-
-    out = []
-    for f in files:
-        dialogues, report = read_sac(f, strict=strict)
-        if report.skipped:
-            shown = "; ".join(str(e) for e in report.errors[:3])
-            print(f"{f}: skipped {report.skipped} malformed record(s): {shown}", file=sys.stderr)
-        out.extend(dialogues)
-    return out
-
-
-def encode_dialogues(dialogues, tokenizer, template, seq_len: int, latent_tokens: bool, desc: str):
-    from sage_jax.sac import DEFAULT_SCHEMA, to_messages
-
-    messages = [to_messages(d, DEFAULT_SCHEMA, special_tokens=latent_tokens) for d in dialogues]
-    examples, stats = encode_many(messages, tokenizer, template, max_len=seq_len + 1, latent_chars=latent_chars)
-    print(f"{desc}: {stats.kept}/{stats.dialogues} dialogues, {stats.tokens} tokens "
-          f"({stats.supervised_tokens} supervised); truncated {stats.truncated} (turns dropped "
-          f"{stats.turns_dropped}), dropped too long {stats.dropped_too_long}, "
-          f"no assistant turn {stats.dropped_no_assistant}", file=sys.stderr)
-    return examples
-
-
-def split_eval(dialogues, fraction: float, seed: int):
-    idx = list(range(len(dialogues)))
-    random.Random(seed).shuffle(idx)
-    n_eval = max(1, int(round(len(idx) * fraction))) if fraction > 0 and len(idx) > 1 else 0
-    held = set(idx[:n_eval])
-    return [d for i, d in enumerate(dialogues) if i not in held], [d for i, d in enumerate(dialogues) if i in held]
 
 
 def make_evaluator(spec: steps.StepSpec, frozen, rows: list[dict], batch_rows: int, mesh):

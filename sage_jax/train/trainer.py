@@ -23,51 +23,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from sage_jax.model.config import ModelConfig
+from sage_jax.model.loader import ModelSpec, load_base
 from sage_jax.train.checkpoint import Checkpointer, abstract_like
 from sage_jax.progress import progress
 from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info
 from sage_jax.train.preemption import PreemptionGuard
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Which base model to start from and how to run it."""
-
-    path: str = "smollm2"  # an HF directory, or "smollm2" for the built-in SmolLM2-135M-Instruct
-    param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype: bfloat16 on TPU/GPU
-    remat: str = "none"  # "none" | "full" | "dots"
-    # Render latents with special tokens (added to the tokenizer; the vocabulary grows, padded
-    # to a multiple of vocab_multiple so it shards evenly) instead of the paper's plain text.
-    latent_tokens: bool = False
-    vocab_multiple: int = 128
-
-
-def resolve_model_path(path: str) -> Path:
-    if path == "smollm2":
-        from sage_jax.model.smollm2 import fetch_smollm2
-
-        return fetch_smollm2()
-    p = Path(path)
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"model path {path!r}: no config.json (an HF directory or 'smollm2' expected)")
-    return p
-
-
-def load_model_and_tokenizer(spec: ModelSpec, special_tokens: tuple[str, ...] = ()):
-    """(ModelConfig, params, tokenizer), with latent special tokens added when asked."""
-    from transformers import AutoTokenizer
-
-    from sage_jax.model import grow_vocab, load_hf
-
-    path = resolve_model_path(spec.path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    cfg, params = load_hf(path, param_dtype=spec.param_dtype, dtype=spec.dtype, remat=spec.remat)
-    if spec.latent_tokens and special_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
-        if len(tokenizer) > cfg.vocab_size:
-            cfg, params = grow_vocab(cfg, params, len(tokenizer), pad_to_multiple_of=spec.vocab_multiple)
-    return cfg, params, tokenizer
 
 
 @dataclasses.dataclass
@@ -90,7 +50,7 @@ def prepare_run(model: ModelSpec, mesh_cfg, output_dir: str) -> RunSetup:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh(mesh_cfg)
-    model_cfg, params, tokenizer = load_model_and_tokenizer(model, DEFAULT_SCHEMA.special_tokens())
+    model_cfg, params, tokenizer = load_base(model, DEFAULT_SCHEMA.special_tokens())
     tokenizer_dir = out / "tokenizer"
     if jax.process_index() == 0:
         tokenizer.save_pretrained(tokenizer_dir)
@@ -112,17 +72,6 @@ def init_train_state(spec, tx, params, seed: int, mesh):
     s_shard = steps.state_shardings(spec, tx, trainable, mesh)
     state = jax.jit(lambda t: steps.init_state(t, tx, jax.random.key(seed + 1)), out_shardings=s_shard)(trainable)
     return state, s_shard, frozen, f_shard
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    from sage_jax.model.config import RopeConfig
-
-    d = dict(d)
-    d["rope"] = RopeConfig(**d["rope"])
-    for k in ("layer_types", "eos_token_id"):
-        if isinstance(d.get(k), list):
-            d[k] = tuple(d[k])
-    return ModelConfig(**d)
 
 
 def to_global(batch: dict, shardings: dict) -> dict:
@@ -234,49 +183,3 @@ def train_loop(
     last = dict(metrics.last or {})
     metrics.close()
     return state, LoopResult(step=done, last_metrics=last, evals=evals, preempted=preempted)
-
-
-def load_trained(run_dir: str | Path, step: int | None = None):
-    """The model a run trained, ready for rollouts or export: (ModelConfig, merged params,
-    tokenizer dir, step). LoRA runs rebuild the base model and merge the adapters."""
-    from sage_jax.config import from_dict
-    from sage_jax.model import init_lora, merge_lora
-    from sage_jax.model.lora import LoraConfig
-    from sage_jax.model.params import param_shapes
-    from sage_jax.train import steps
-
-    run_dir = Path(run_dir)
-    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1, read_only=True)
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints: no finished checkpoint")
-    conf = ckpt.restore_config(step)
-    if not conf or "model" not in conf:
-        raise ValueError(f"{run_dir}/checkpoints/{step}: no run config stored with the checkpoint")
-    run = conf["run"]
-    model_cfg = model_config_from_dict(conf["model"])
-    lora = from_dict(LoraConfig, run["lora"]) if run.get("lora") else None
-    optim = from_dict(steps.OptimConfig, run["optim"])
-    tx = steps.make_optimizer(optim, 1)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this host's own device
-    base = None
-    if lora is None:
-        shapes = param_shapes(model_cfg)
-        trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, model_cfg.param_dtype), shapes,
-                                 is_leaf=lambda x: isinstance(x, tuple))
-    else:
-        spec = from_dict(ModelSpec, run["model"])
-        from sage_jax.sac import DEFAULT_SCHEMA
-
-        base_cfg, base, _ = load_model_and_tokenizer(spec, DEFAULT_SCHEMA.special_tokens())
-        if base_cfg.embed_rows != model_cfg.embed_rows:
-            raise ValueError(f"{run_dir}: base model vocabulary {base_cfg.embed_rows} != trained {model_cfg.embed_rows}")
-        trainable = jax.eval_shape(lambda: init_lora(model_cfg, lora, jax.random.key(0)))
-    abstract = jax.eval_shape(lambda t: steps.init_state(t, tx, jax.random.key(0)), trainable)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    restored = ckpt.restore(abstract, step, data=False)
-    trained = restored.state["params"]
-    params = trained if lora is None else merge_lora(base, trained, lora)
-    tok_dir = run_dir / "tokenizer"
-    ckpt.close()
-    return model_cfg, params, tok_dir, step

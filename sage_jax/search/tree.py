@@ -27,11 +27,16 @@ import sys
 from pathlib import Path
 from typing import Literal, Sequence
 
+from sage_jax import rollout
 from sage_jax.data.jsonl import JsonlWriter, done_ids
+from sage_jax.data.readers import read_seeds
+from sage_jax.data.sample import sample_path
+from sage_jax.judge import make_judge, select_best
 from sage_jax.rollout.policy import Policy, load_policy
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.rollout.selfplay import Episode, user_turns
-from sage_jax.sac import DEFAULT_SCHEMA, Dialogue, Latent, dialogue_to_json, latent_to_json, parse_assistant_lenient
+from sage_jax.sac import (DEFAULT_SCHEMA, Dialogue, Latent, dialogue_to_json, get_vocabulary, latent_to_json,
+                          parse_assistant_lenient, render_latent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +81,6 @@ def _latent_json(lat):
 
 def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed: int) -> list[list[dict]]:
     """K candidate assistant messages per episode (each {"content", "finish_reason", ...})."""
-    from sage_jax import rollout
-
     sp = cfg.sampling(cfg.max_new_tokens)
     if cfg.branching == "sample":
         prompts = [policy.encode_chat(e.assistant_view) for e in episodes]
@@ -85,8 +88,6 @@ def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed:
         return [[{"content": policy.decode(g.tokens), "finish_reason": g.finish_reason}
                  for g in gens[i * cfg.k:(i + 1) * cfg.k]] for i in range(len(episodes))]
     # enumerate: decode the state block once, then pin K distinct action motivations.
-    from sage_jax.sac import get_vocabulary, render_latent
-
     values = list(get_vocabulary(cfg.vocabulary).values)
     state_sp = dataclasses.replace(sp, temperature=0.0, max_new_tokens=64, stop_strings=("}",))
     prompts = [policy.encode_chat(e.assistant_view) for e in episodes]
@@ -119,8 +120,6 @@ def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed:
 def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, str]], cfg: SearchConfig,
                  seed: int) -> list[dict]:
     """Search one batch of (id, seed text) dialogues; returns one result record per dialogue."""
-    from sage_jax.judge import select_best
-
     episodes = [Episode.start(i, s) for i, s in seeds]
     nodes: dict[str, list[dict]] = {e.id: [] for e in episodes}
     pairs: dict[str, list[dict]] = {e.id: [] for e in episodes}
@@ -193,16 +192,12 @@ def render_tree_html(result: dict) -> str:
 
 def _seed_path(spec: str) -> Path:
     if spec.startswith("sample:"):
-        from sage_jax.data.sample import sample_path
-
         return sample_path(spec.split(":", 1)[1])
     return Path(spec)
 
 
 def run_search(cfg: SearchConfig) -> dict:
     """Search every seed not yet finished in output_dir; returns counts and output paths."""
-    from sage_jax.data.readers import read_seeds
-    from sage_jax.judge import make_judge
     import jax
 
     from sage_jax.progress import progress

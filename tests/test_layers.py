@@ -37,9 +37,6 @@ FLOOR = ("model", "sac", "data", "parallel")
 # Arrows known to be wrong, each with what removes it. The test fails when one is no longer there,
 # so the list can only shrink.
 KNOWN = {
-    ("sage_jax.parallel.rules", "sage_jax.model.params"):
-        "deprecated parallel.param_shardings(cfg): delete it once train/steps.shard_frozen passes "
-        "model.param_axes(cfg) to parallel.tree_shardings",
 }
 
 _TARGET_STRING = re.compile(r"^(sage_jax(?:\.\w+)+):\w+")

@@ -47,11 +47,11 @@ def test_lora_shapes_axes_and_defaults():
     lora = LoraConfig()
     assert (lora.rank, lora.alpha, lora.dropout, lora.targets) == (8, 16.0, 0.0, ("q_proj", "v_proj"))
     ad = model.init_lora(cfg, lora, jax.random.key(0))
-    assert ad["layers"]["q_proj"]["a"].shape == (2, 64, 8)
-    assert ad["layers"]["q_proj"]["b"].shape == (2, 8, 4, 16)
+    assert ad["layers"]["lora"]["q_proj"]["a"].shape == (2, 64, 8)
+    assert ad["layers"]["lora"]["q_proj"]["b"].shape == (2, 8, 4, 16)
     axes = model.lora_axes(cfg, lora)
-    assert axes["layers"]["q_proj"]["a"] == ("layers", "embed", None)
-    assert axes["layers"]["q_proj"]["b"] == ("layers", None, "heads", "head_dim")
+    assert axes["layers"]["lora"]["q_proj"]["a"] == ("layers", "embed", None)
+    assert axes["layers"]["lora"]["q_proj"]["b"] == ("layers", None, "heads", "head_dim")
     with pytest.raises(ValueError, match="targets"):
         LoraConfig(targets=("qkv",))
 

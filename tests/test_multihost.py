@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent("""
         same &= sa == sb and len(a) == len(b)
         same &= all(ia == ib and np.array_equal(xa, xb) for (ia, xa), (ib, xb) in zip(a, b))
     res["restored_equal"] = bool(same)
-    res["sharded_across_hosts"] = not (state["params"]["layers"]["q_proj"]["a"].is_fully_addressable
+    res["sharded_across_hosts"] = not (state["params"]["layers"]["lora"]["q_proj"]["a"].is_fully_addressable
                                        or frozen["embed"].is_fully_addressable)
     state, m2 = step_fn(state, frozen, batch)
     restored, m2r = step_fn(r.state, frozen, batch)

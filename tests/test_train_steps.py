@@ -114,7 +114,7 @@ def test_sharded_step_equals_single_device(mesh_name, use_lora):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6),
                  state["params"], ref_state["params"])
     # The state really is distributed.
-    leaf = state["params"]["layers"]["q_proj"]["b"] if use_lora else state["params"]["layers"]["q_proj"]
+    leaf = state["params"]["layers"]["lora"]["q_proj"]["b"] if use_lora else state["params"]["layers"]["q_proj"]
     assert not leaf.sharding.is_fully_replicated
 
 

@@ -1,24 +1,27 @@
-"""LoRA (Hu et al. 2021) as a separate small pytree: the paper's recipe is rank 8, alpha 16, no
-dropout, on q_proj and v_proj.
+"""LoRA (Hu et al. 2021): the paper's recipe is rank 8, alpha 16, no dropout, on q_proj and v_proj.
 
-For a target kernel W [L, *in, *out] the adapter is a [L, *in, r] and b [L, r, *out]; the layer
-computes x @ W + (alpha / r) * dropout(x) @ a @ b. `a` starts uniform(±1/sqrt(fan_in)) (PEFT's
-kaiming-uniform) and `b` at zero, so training starts exactly at the base model. Only the adapter
-is trained and checkpointed; `merge` folds it into W for rollouts and export.
+Adapters are `nnx.LoRAParam` variables of a small `LoRAAdapter` module that a decoder layer holds
+under `lora/<target>` (see sage_jax.model.modules), so "train only the adapters" is the state
+filter `nnx.LoRAParam` and the frozen base is everything else. For a target kernel W [*in, *out]
+(per layer) the adapter is a [*in, r] and b [r, *out]; the layer computes
+x @ W + (alpha / r) * dropout(x) @ a @ b. `a` starts uniform(±1/sqrt(fan_in)) (PEFT's
+kaiming-uniform) and `b` at zero, so training starts exactly at the base model. `merge` folds the
+adapters into W for rollouts and export.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from sage_jax.model.config import ModelConfig
-from sage_jax.model.params import Params, param_axes, param_shapes
+from flax import nnx
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,53 +42,22 @@ class LoraConfig:
 
 
 def in_ndim(target: str) -> int:
-    """Number of input axes of a kernel after the layer axis (o_proj takes [heads, head_dim])."""
+    """Number of input axes of a kernel (o_proj takes [heads, head_dim]; the others [embed])."""
     return 2 if target == "o_proj" else 1
 
 
-def _check(cfg: ModelConfig, lora: LoraConfig) -> None:
-    if cfg.is_moe and any(t in ("gate_proj", "up_proj", "down_proj") for t in lora.targets):
-        raise ValueError("LoRA on MoE expert kernels is not supported; target attention projections")
+class LoRAAdapter(nnx.Module):
+    """The low-rank pair for one kernel of one layer: a [*in, r], b [r, *out]."""
+
+    def __init__(self, target: str, shape: tuple[int, ...], axes: tuple, rank: int, dtype, rngs: nnx.Rngs):
+        n = in_ndim(target)
+        bound = 1.0 / np.sqrt(int(np.prod(shape[:n])))
+        a = jax.random.uniform(rngs.params(), shape[:n] + (rank,), jnp.float32, -bound, bound)
+        self.a = nnx.LoRAParam(a.astype(dtype), out_sharding=axes[:n] + (None,))
+        self.b = nnx.LoRAParam(jnp.zeros((rank,) + shape[n:], dtype), out_sharding=(None,) + axes[n:])
 
 
-def lora_axes(cfg: ModelConfig, lora: LoraConfig) -> Params:
-    _check(cfg, lora)
-    axes = param_axes(cfg)["layers"]
-    out = {}
-    for t in lora.targets:
-        n = in_ndim(t) + 1
-        out[t] = {"a": axes[t][:n] + (None,), "b": (axes[t][0], None) + axes[t][n:]}
-    return {"layers": out}
-
-
-def init_lora(cfg: ModelConfig, lora: LoraConfig, key: jax.Array) -> Params:
-    _check(cfg, lora)
-    shapes = param_shapes(cfg)["layers"]
-    out = {}
-    for t, k in zip(lora.targets, jax.random.split(key, len(lora.targets))):
-        shape, n = shapes[t], in_ndim(t) + 1
-        fan_in = int(np.prod(shape[1:n]))
-        bound = 1.0 / np.sqrt(fan_in)
-        a = jax.random.uniform(k, shape[:n] + (lora.rank,), jnp.float32, -bound, bound)
-        out[t] = {"a": a.astype(cfg.param_dtype), "b": jnp.zeros((shape[0], lora.rank) + shape[n:], cfg.param_dtype)}
-    return {"layers": out}
-
-
-def _stacked(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
-
-
-def merge(params: Params, lora_params: Params, lora: LoraConfig) -> Params:
-    """Plain params with W <- W + (alpha/r) a @ b for every target (what rollouts and export use)."""
-    layers = dict(params["layers"])
-    for t, ab in lora_params["layers"].items():
-        w = layers[t]
-        layers[t] = (w.astype(jnp.float32) + lora.scale * _stacked(ab["a"].astype(jnp.float32),
-                                                                   ab["b"].astype(jnp.float32))).astype(w.dtype)
-    return {**params, "layers": layers}
-
-
-def apply(x: jax.Array, w: jax.Array, target: str, adapter: dict | None, lora: LoraConfig | None,
+def apply(x: jax.Array, w: jax.Array, target: str, adapter: LoRAAdapter | None, lora: LoraConfig | None,
           rng: jax.Array | None) -> jax.Array:
     """x @ W (+ the adapter's low-rank path); x [..., *in], W [*in, *out] for one layer."""
     n = in_ndim(target)
@@ -96,5 +68,24 @@ def apply(x: jax.Array, w: jax.Array, target: str, adapter: dict | None, lora: L
     if lora.dropout > 0 and rng is not None:
         keep = jax.random.bernoulli(rng, 1.0 - lora.dropout, h.shape)
         h = jnp.where(keep, h / (1.0 - lora.dropout), 0).astype(x.dtype)
-    low = jnp.tensordot(h, adapter["a"].astype(x.dtype), axes=n)
-    return out + lora.scale * jnp.tensordot(low, adapter["b"].astype(x.dtype), axes=1)
+    low = jnp.tensordot(h, adapter.a[...].astype(x.dtype), axes=n)
+    return out + lora.scale * jnp.tensordot(low, adapter.b[...].astype(x.dtype), axes=1)
+
+
+def _stacked(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
+
+
+def with_adapters(params: Params, adapters: Params) -> Params:
+    """The full module state (pure dict): base params plus the adapters under layers/lora."""
+    return {**params, "layers": {**params["layers"], "lora": adapters["layers"]["lora"]}}
+
+
+def merge(params: Params, adapters: Params, lora: LoraConfig) -> Params:
+    """Plain params with W <- W + (alpha/r) a @ b for every target (what rollouts and export use)."""
+    layers = dict(params["layers"])
+    for t, ab in adapters["layers"]["lora"].items():
+        w = layers[t]
+        delta = _stacked(ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
+        layers[t] = (w.astype(jnp.float32) + lora.scale * delta).astype(w.dtype)
+    return {**params, "layers": layers}

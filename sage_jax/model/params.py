@@ -1,4 +1,5 @@
-"""The parameter pytree: shapes, logical axis names, initialisation and vocabulary growth.
+"""The parameter pytree (the `Decoder` module state as plain nested dicts): shapes, logical axis
+names (from the modules' sharding metadata), initialisation and vocabulary growth.
 
 Layout (kernels are [in, out], i.e. HF weights transposed; per-layer tensors are stacked on a
 leading `layers` axis so the decoder is one `lax.scan`):
@@ -8,91 +9,78 @@ leading `layers` axis so the decoder is one `lax.scan`):
             (q|k|v)_bias [L, heads, H]  o_bias [L, D]  q_norm, k_norm [L, H]  mlp_norm [L, D]
             dense: gate_proj, up_proj [L, D, F]  down_proj [L, F, D]
             MoE:   router [L, D, E]  gate_proj, up_proj [L, E, D, F]  down_proj [L, E, F, D]
+            LoRA (adapters, a separate pytree): lora/<target>/a [L, *in, r], lora/<target>/b [L, r, *out]
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sage_jax.model.config import ModelConfig
+from sage_jax.model.lora import LoraConfig
+from sage_jax.model.modules import Decoder
+from sage_jax.model.transformer import abstract_module
 
 Params = dict[str, Any]
 
 
-def param_axes(cfg: ModelConfig) -> Params:
-    """Logical axis names for every parameter (same tree structure as the params)."""
-    L = "layers"
-    layers: dict[str, tuple] = {
-        "attn_norm": (L, "norm"),
-        "q_proj": (L, "embed", "heads", "head_dim"),
-        "k_proj": (L, "embed", "kv_heads", "head_dim"),
-        "v_proj": (L, "embed", "kv_heads", "head_dim"),
-        "o_proj": (L, "heads", "head_dim", "embed"),
-        "mlp_norm": (L, "norm"),
-    }
-    if cfg.qkv_bias:
-        layers.update(
-            q_bias=(L, "heads", "head_dim"), k_bias=(L, "kv_heads", "head_dim"), v_bias=(L, "kv_heads", "head_dim")
-        )
-    if cfg.o_bias:
-        layers["o_bias"] = (L, "norm")
-    if cfg.qk_norm:
-        layers.update(q_norm=(L, "head_dim"), k_norm=(L, "head_dim"))
-    if cfg.is_moe:
-        layers.update(
-            router=(L, "embed", None),
-            gate_proj=(L, "expert", "embed", "mlp"),
-            up_proj=(L, "expert", "embed", "mlp"),
-            down_proj=(L, "expert", "mlp", "embed"),
-        )
-    else:
-        layers.update(gate_proj=(L, "embed", "mlp"), up_proj=(L, "embed", "mlp"), down_proj=(L, "mlp", "embed"))
-    axes: Params = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
-    if not cfg.tie_word_embeddings:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
+def _pure(tree) -> Params:
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
-def param_shapes(cfg: ModelConfig) -> Params:
-    dims = {
-        "layers": cfg.num_layers,
-        "vocab": cfg.embed_rows,
-        "embed": cfg.hidden_size,
-        "norm": cfg.hidden_size,
-        "heads": cfg.num_heads,
-        "kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "mlp": cfg.intermediate_size,
-        "expert": cfg.num_experts,
-        None: cfg.num_experts,  # the router's output axis (never sharded)
-    }
-    return jax.tree.map(lambda ax: tuple(dims[a] for a in ax), param_axes(cfg), is_leaf=_is_axes)
+def _axes(spec) -> tuple:
+    return tuple(spec)
 
 
 def _is_axes(x) -> bool:
     return isinstance(x, tuple)
 
 
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter (same tree as the params), read from the modules'
+    `nnx.Param` sharding metadata (stacked layers lead with `layers`)."""
+    _, state = abstract_module(cfg)
+    return jax.tree.map(_axes, _pure(nnx.get_partition_spec(state)), is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter (same tree as the params)."""
+    _, state = abstract_module(cfg)
+    return jax.tree.map(lambda x: tuple(x.shape), _pure(state))
+
+
+def lora_axes(cfg: ModelConfig, lora: LoraConfig) -> Params:
+    """Logical axis names of the LoRA adapters (the `nnx.LoRAParam` part of the module state)."""
+    _, state = abstract_module(cfg, lora)
+    specs = nnx.get_partition_spec(nnx.filter_state(state, nnx.LoRAParam))
+    return jax.tree.map(_axes, _pure(specs), is_leaf=lambda x: isinstance(x, P))
+
+
+def _init_state(cfg: ModelConfig, lora: LoraConfig | None, key: jax.Array, std: float) -> nnx.State:
+    with nnx.use_eager_sharding(False):
+        return nnx.state(Decoder(cfg, lora, std=std, rngs=nnx.Rngs(params=key)))
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
-    """Random init (normal(std) kernels, unit norms, zero biases), in cfg.param_dtype."""
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_axes)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_axes)[0]]
-    keys = jax.random.split(key, len(leaves))
-    dtype = jnp.dtype(cfg.param_dtype)
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
-        elif "bias" in path:
-            out.append(jnp.zeros(shape, dtype))
-        else:
-            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
+    """Random init (normal(std) kernels, unit norms, zero biases), in cfg.param_dtype: the state
+    of a freshly built `Decoder`."""
+    return nnx.to_pure_dict(_init_state(cfg, None, key, std))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def init_lora(cfg: ModelConfig, lora: LoraConfig, key: jax.Array) -> Params:
+    """Fresh LoRA adapters for `cfg`'s decoder: the `nnx.LoRAParam` part of a new module's state
+    (a uniform, b zero). Under `jit` the unused base weights are never materialised."""
+    with nnx.use_eager_sharding(False):
+        module = Decoder(cfg, lora, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(module, nnx.LoRAParam))
 
 
 def grow_vocab(

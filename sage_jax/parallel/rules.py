@@ -98,15 +98,6 @@ def shard_params(axes: Any, params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
     return jax.tree.map(jax.device_put, params, tree_shardings(axes, params, mesh, rules))
 
 
-def param_shardings(cfg, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """Deprecated: pass the axes tree to `tree_shardings` instead. Kept only for
-    train/steps.shard_frozen until it does; the one model import left in parallel/
-    (tests/test_layers.py lists it as a known exception that must go)."""
-    from sage_jax.model.params import param_axes, param_shapes
-
-    return tree_shardings(param_axes(cfg), param_shapes(cfg), mesh, rules)
-
-
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Batch-major arrays ([B] or [B, T, ...]): batch over data x fsdp, the rest replicated."""
     logical = ("batch", "length") + (None,) * max(0, len(shape) - 2)

@@ -21,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sage_jax import parallel
 from sage_jax.model import hidden_states
 from sage_jax.model.config import ModelConfig
-from sage_jax.model.lora import LoraConfig, lora_axes
-from sage_jax.model.params import Params, param_axes
+from sage_jax.model.lora import LoraConfig
+from sage_jax.model.params import Params, lora_axes, param_axes
 from sage_jax.train.losses import DPOConfig, dpo_loss, masked_nll, sequence_logps, token_logprobs
 
 
@@ -222,5 +222,5 @@ def compile_step(fn: Callable, *static, state_sharding=None, frozen_sharding=Non
 def shard_frozen(spec: StepSpec, frozen: Params | None, mesh: Mesh, rules=parallel.DEFAULT_RULES) -> Any:
     if frozen is None:
         return None, None
-    shardings = parallel.param_shardings(spec.model, mesh, rules)
+    shardings = parallel.tree_shardings(param_axes(spec.model), frozen, mesh, rules)
     return jax.tree.map(jax.device_put, frozen, shardings), shardings

@@ -1,0 +1,251 @@
+"""The decoder as Flax NNX modules: `DecoderLayer` (attention + SwiGLU or top-k MoE) and `Decoder`.
+
+Every weight is an `nnx.Param` in the HF layout (kernels [in, out], heads split out) carrying its
+logical axis names as sharding metadata; the mesh rule table (sage_jax.parallel) maps those names
+to mesh axes. The layers are created stacked by `nnx.vmap` (leading `layers` axis, also in the
+metadata) and run by `lax.scan` over the stacked state, so compile time does not grow with depth.
+LoRA adapters are `nnx.LoRAParam`s under `layers/lora/<target>`.
+
+These modules are used through the functional API (sage_jax.model.transformer): callers hold the
+module state as a plain pytree and `nnx.merge` rebuilds the module inside `jax.jit`.
+Shapes: B batch, T chunk, S cache slots, D hidden, N/K query/kv heads, H head_dim, F mlp, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sage_jax.model import layers as L
+from sage_jax.model.config import ModelConfig
+from sage_jax.model.lora import TARGETS, LoRAAdapter, LoraConfig
+from sage_jax.model.lora import apply as lora_apply
+
+Cache = dict[str, jax.Array]
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std: float) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _check_lora(cfg: ModelConfig, lora: LoraConfig | None) -> None:
+    if lora is not None and cfg.is_moe and any(t in ("gate_proj", "up_proj", "down_proj") for t in lora.targets):
+        raise ValueError("LoRA on MoE expert kernels is not supported; target attention projections")
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder layer; its weights are attributes named as in the params layout."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, std: float, rngs: nnx.Rngs):
+        self.cfg, self.lora_cfg = cfg, lora
+        dt = cfg.param_dtype
+        D, N, K, H, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            cfg.intermediate_size, cfg.num_experts)
+
+        kernel_axes = {}
+
+        def kernel(shape, axes):
+            param = nnx.Param(_normal(rngs, shape, dt, std), out_sharding=axes)
+            kernel_axes[id(param)] = axes
+            return param
+
+        def const(shape, axes, value):
+            return nnx.Param(jnp.full(shape, value, dt), out_sharding=axes)
+
+        self.attn_norm = const((D,), ("norm",), 1.0)
+        self.q_proj = kernel((D, N, H), ("embed", "heads", "head_dim"))
+        self.k_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = kernel((N, H, D), ("heads", "head_dim", "embed"))
+        self.mlp_norm = const((D,), ("norm",), 1.0)
+        if cfg.qkv_bias:
+            self.q_bias = const((N, H), ("heads", "head_dim"), 0.0)
+            self.k_bias = const((K, H), ("kv_heads", "head_dim"), 0.0)
+            self.v_bias = const((K, H), ("kv_heads", "head_dim"), 0.0)
+        if cfg.o_bias:
+            self.o_bias = const((D,), ("norm",), 0.0)
+        if cfg.qk_norm:
+            self.q_norm = const((H,), ("head_dim",), 1.0)
+            self.k_norm = const((H,), ("head_dim",), 1.0)
+        if cfg.is_moe:
+            self.router = kernel((D, E), ("embed", None))
+            self.gate_proj = kernel((E, D, F), ("expert", "embed", "mlp"))
+            self.up_proj = kernel((E, D, F), ("expert", "embed", "mlp"))
+            self.down_proj = kernel((E, F, D), ("expert", "mlp", "embed"))
+        else:
+            self.gate_proj = kernel((D, F), ("embed", "mlp"))
+            self.up_proj = kernel((D, F), ("embed", "mlp"))
+            self.down_proj = kernel((F, D), ("mlp", "embed"))
+        if lora is not None:
+            _check_lora(cfg, lora)
+            self.lora = nnx.Dict({
+                t: LoRAAdapter(t, getattr(self, t).shape, kernel_axes[id(getattr(self, t))], lora.rank, dt, rngs)
+                for t in lora.targets
+            })
+
+    def proj(self, name: str, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        adapter = self.lora.get(name) if self.lora_cfg is not None else None
+        r = None if rng is None else jax.random.fold_in(rng, TARGETS.index(name))
+        return lora_apply(x, getattr(self, name)[...], name, adapter, self.lora_cfg, r)
+
+    def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, rng=None):
+        """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own, or the KV
+        cache after writing the chunk into it) and the updated cache."""
+        cfg, dt = self.cfg, x.dtype
+        h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
+        q, k, v = self.proj("q_proj", h, rng), self.proj("k_proj", h, rng), self.proj("v_proj", h, rng)
+        if cfg.qkv_bias:
+            q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                       v + self.v_bias[...].astype(dt))
+        if cfg.qk_norm:
+            q = L.rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = L.rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+        k_all, v_all, new_kv = keys_values(k, v)
+        out = self.proj("o_proj", L.attention(q, k_all, v_all, mask(window)), rng)
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(dt)
+        x = x + out
+        h = L.rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
+        if cfg.is_moe:
+            mlp = L.moe(cfg, h, self.router[...].astype(dt), self.gate_proj[...].astype(dt),
+                        self.up_proj[...].astype(dt), self.down_proj[...].astype(dt))
+        else:
+            mlp = self.proj("down_proj", jax.nn.silu(self.proj("gate_proj", h, rng)) * self.proj("up_proj", h, rng),
+                            rng)
+        return x + mlp, new_kv
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at every segment boundary of a packed row [B, T]."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    boundary = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start = jax.lax.cummax(jnp.where(boundary, t, 0), axis=1)
+    return t - start
+
+
+def _slots(start: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+    """Row and slot indices [B, T] of a chunk of t tokens written at each row's `start`."""
+    rows = jnp.arange(start.shape[0], dtype=jnp.int32)[:, None]
+    return rows, start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
+def _write(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+    """buf [B, S, ...] <- chunk [B, T, ...] at slot start[b] (slots past S are dropped)."""
+    rows, slots = _slots(start, chunk.shape[1])
+    return buf.at[rows, slots].set(chunk.astype(buf.dtype), mode="drop")
+
+
+def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
+    """buf [L, B, S, K, H] <- chunk [B, T, K, H] at (layer, b, start[b]).
+
+    The whole cache is a loop carry updated in place by one scatter; writing only the new
+    chunk (instead of re-stacking every layer's cache as scan outputs) keeps a decode step
+    from copying the cache.
+    """
+    rows, slots = _slots(start, chunk.shape[1])
+    return buf.at[layer, rows, slots].set(chunk.astype(buf.dtype), mode="drop")
+
+
+class Decoder(nnx.Module):
+    """Embedding, stacked decoder layers, final norm and LM head (tied or untied)."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *, std: float = 0.02,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.param_dtype
+        self.embed = nnx.Param(_normal(rngs, (cfg.embed_rows, cfg.hidden_size), dt, std),
+                               out_sharding=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked(rngs):
+            return DecoderLayer(cfg, lora, std=std, rngs=rngs)
+
+        self.layers = stacked(rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dt), out_sharding=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.embed_rows), dt, std),
+                                     out_sharding=("embed", "vocab"))
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
+                      dropout_rng=None) -> tuple[jax.Array, Cache | None]:
+        """The final-normed hidden states [B, T, D] and the updated cache (None without one)."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if cache is None:
+            q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            k_slots, k_seg, start = q_slots, segment_ids, None
+            if positions is None:
+                positions = segment_positions(segment_ids)
+        else:
+            s = cache["k"].shape[2]
+            if t > s:
+                raise ValueError(f"forward: chunk of {t} tokens does not fit a KV cache of {s} slots")
+            start = cache["end"]
+            q_slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            k_seg = _write(cache["segment_ids"], segment_ids, start)
+            k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            if positions is None:
+                positions = q_slots
+        cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rope, cfg.head_dim))
+
+        def mask(window):
+            return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
+        kv = None if cache is None else (cache["k"], cache["v"])
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, kv = carry
+            state, window, i = xs
+            layer = nnx.merge(layer_def, state)
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+
+            def keys_values(k, v):
+                if kv is None:
+                    return k, v, None
+                ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
+                return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
+
+            return layer(x, window, cos, sin, mask, keys_values, rng), None
+
+        if cfg.remat != "none":
+            policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+            body = jax.checkpoint(body, policy=policy)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, new_kv), _ = jax.lax.scan(body, (x, kv), (layer_state, windows, layer_ids))
+        x = L.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        new_cache = None
+        if cache is not None:
+            new_cache = {
+                "k": new_kv[0],
+                "v": new_kv[1],
+                "segment_ids": k_seg,
+                "end": start + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
+            }
+        return x, new_cache
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Logits [..., vocab_size] from hidden states; vocabulary padding rows are dropped."""
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        out = x @ w.astype(x.dtype)
+        if self.cfg.embed_rows != self.cfg.vocab_size:
+            out = out[..., : self.cfg.vocab_size]
+        return out
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
+                 dropout_rng=None) -> tuple[jax.Array, Cache | None]:
+        x, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout_rng)
+        return self.logits(x), cache

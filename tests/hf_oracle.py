@@ -22,6 +22,10 @@ CASES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "llama_linear_rope": ("LlamaConfig", dict(
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "qwen2_sliding_layers": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                                 tie_word_embeddings=True)),
 }
 
 

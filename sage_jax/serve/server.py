@@ -7,7 +7,8 @@
     ...; srv.close()       # stop accepting, fail queued requests (503), join the worker
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``messages``, ``n``, ``temperature``,
-``top_p``, ``max_tokens``/``max_completion_tokens``, ``stop``, ``seed``, ``stream``), ``GET /health``
+``top_p``, ``max_tokens``/``max_completion_tokens``, ``stop``, ``seed``, ``stream``, and vLLM's
+``top_k`` / ``repetition_penalty``), ``GET /health``
 and ``GET /v1/stats`` (batching counters). The extension field
 ``sage = {"pin": {"a_motivation": "humour", ...}, "return_latents": true}`` steers the latents
 (:func:`sage_jax.rollout.steer.steer`); such a choice's ``message.content`` is the reply with the
@@ -157,7 +158,11 @@ def parse_chat_request(body: Any, *, default_max_tokens: int, max_tokens_limit: 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream")
-    sp = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, stop_strings=stops)
+    # vLLM's sampling extensions (what an endpoint policy sends for the paper's search settings)
+    top_k = num("top_k", int, 0, -1, None)
+    repetition_penalty = num("repetition_penalty", float, 1.0, 1e-6, None)
+    sp = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
+                        repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, stop_strings=stops)
     return ChatRequest(messages, n, sp, seed, pins, sage is not None, stream)
 
 

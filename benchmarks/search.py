@@ -1,60 +1,140 @@
-"""Tree-search cost per assistant turn on SmolLM2-135M: K = 1, 4, 8 children (batched, one shared
-prefix cache per dialogue), for a batch of dialogues, as seconds per assistant turn and ratios to K=1.
+"""Tree-search benchmarks on SmolLM2-135M (CPU float32 unless a device is there). Three modes:
 
-    python benchmarks/search.py [--seeds 4] [--max-new-tokens 48] [--repeats 3]
+    python benchmarks/search.py cost     [--seeds 4] [--max-new-tokens 48] [--repeats 3] [--ks 1,4,8]
+    python benchmarks/search.py turns    [--seeds 4] [--k 4] [--turns 8]
+    python benchmarks/search.py distinct --model RUN_DIR [--seeds 8] [--turns 2] [--k 4]
 
-Each timing expands one assistant turn for every seed (prefill once per dialogue, K rows decoded
-together) and lets the rules judge pick; medians of --repeats after a warm-up (compilation).
+cost: seconds per assistant turn at K = 1, 4, 8 children (one batch of dialogues, each on its own
+  KV cache, the K children forked from it and decoded together, the rules judge picking), medians
+  of --repeats after a warm-up (compilation), and the ratio to K=1 (the K=8/K=1 ratio is the
+  price of branching). --branching picks the mode (default latent).
+turns: one --turns search of a batch (K children, the rules judge, the simulated user), per
+  assistant turn: tokens prefilled through the caches vs the tokens a full re-prefill of the
+  history would take, prefill and decode seconds, rewinds; then the programs compiled (count and
+  seconds) for the whole search.
+distinct: mean distinct actions per node at K (default 4) with branching=latent vs
+  branching=sample, same seeds, on a model that writes latents, e.g. SmolLM2 after SFT on the
+  shipped sample:
+      sage-jax sft model.path=smollm2 "train_files=[sage_jax/data/sample/ed_train_200.jsonl]" \\
+          max_steps=60 output_dir=runs/bench_m1
+      python benchmarks/search.py distinct --model runs/bench_m1
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 from sage_jax.judge import make_judge, select_best
+from sage_jax.rollout.compiles import CompileCounter
+from sage_jax.rollout.dialogue_cache import CacheStats
 from sage_jax.rollout.policy import load_policy
 from sage_jax.rollout.selfplay import Episode
-from sage_jax.search.tree import SearchConfig, expand
+from sage_jax.search.tree import SearchConfig, cache_len, expand, make_pools, run_search, search_batch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--ks", default="1,4,8")
-    args = ap.parse_args()
+def _seeds(n: int) -> list[str]:
     from sage_jax.data.readers import read_seeds
     from sage_jax.data.sample import sample_path
 
-    policy = load_policy("smollm2")
+    return read_seeds(sample_path("ed_test_seeds.txt"), limit=n)
+
+
+def cost(args) -> None:
+    policy = load_policy(args.model)
     judge = make_judge("rules:")
-    seeds = read_seeds(sample_path("ed_test_seeds.txt"), limit=args.seeds)
-    episodes = [Episode.start(f"s{i}", s) for i, s in enumerate(seeds)]
+    episodes = [Episode.start(f"s{i}", s) for i, s in enumerate(_seeds(args.seeds))]
     rows = []
-    for k in (int(x) for x in args.ks.split(",")):
-        cfg = SearchConfig(k=k, max_new_tokens=args.max_new_tokens)
+    with CompileCounter() as cc:
+        for k in (int(x) for x in args.ks.split(",")):
+            cfg = SearchConfig(k=k, max_new_tokens=args.max_new_tokens, branching=args.branching,
+                               batch_seeds=args.seeds)
+            apool, _ = make_pools(policy, policy, cfg)
 
-        def turn(rep: int) -> float:
-            t0 = time.perf_counter()
-            cands = expand(policy, episodes, cfg, seed=rep)
-            if k > 1:
-                select_best(judge, [e.turns for e in episodes], [[c["content"] for c in cs] for cs in cands])
-            return time.perf_counter() - t0
+            def turn(rep: int) -> float:
+                apool.release([e.id for e in episodes])  # each repeat prefills the whole prompt again
+                t0 = time.perf_counter()
+                cands = expand(policy, episodes, cfg, seed=rep, pool=apool)
+                if k > 1:
+                    select_best(judge, [e.turns for e in episodes], [[c["content"] for c in cs] for cs in cands])
+                return time.perf_counter() - t0
 
-        turn(0)  # compile
-        t = statistics.median(turn(r + 1) for r in range(args.repeats))
-        rows.append((k, t / args.seeds, t))
-        print(f"  measured K={k}", flush=True)
+            turn(0)  # compile
+            t = statistics.median(turn(r + 1) for r in range(args.repeats))
+            rows.append((k, t / args.seeds, t))
+            print(f"  measured K={k}", flush=True)
     base = rows[0][1]
-    print(f"\nSmolLM2-135M-Instruct, CPU float32, {args.seeds} dialogues per batch, up to {args.max_new_tokens} new "
-          f"tokens per child, sampled (paper settings), median of {args.repeats}\n")
+    print(f"\nSmolLM2-135M-Instruct, {args.seeds} dialogues per batch, branching={args.branching}, up to "
+          f"{args.max_new_tokens} new tokens per child, paper sampling, median of {args.repeats}\n")
     print("| K | s per assistant turn (per dialogue) | s per batch turn | ratio to K=1 | children per second |")
     print("|---|---|---|---|---|")
     for k, per, batch in rows:
         print(f"| {k} | {per:.2f} | {batch:.2f} | {per / base:.2f} | {k * args.seeds / batch:.1f} |")
+    print(f"\ncompiled: {cc}")
+
+
+def turns(args) -> None:
+    policy = load_policy(args.model)
+    judge = make_judge("rules:")
+    cfg = SearchConfig(k=args.k, turns=args.turns, max_new_tokens=args.max_new_tokens,
+                       user_max_new_tokens=args.user_max_new_tokens, branching=args.branching,
+                       batch_seeds=args.seeds)
+    stats = CacheStats()
+    log: list[dict] = []
+    t0 = time.perf_counter()
+    with CompileCounter() as cc:
+        results = search_batch(policy, policy, judge, [(f"s{i}", s) for i, s in enumerate(_seeds(args.seeds))], cfg,
+                               seed=0, pools=make_pools(policy, policy, cfg, stats), turn_log=log)
+    wall = time.perf_counter() - t0
+    # what re-prefilling the whole history would prefill at turn t: the assistant's prompt then
+    full = []
+    for t in range(args.turns):
+        full.append(sum(len(policy.encode_chat(r["assistant_view"][:3 + 2 * t])) for r in results
+                        if len(r["assistant_view"]) > 3 + 2 * t))
+    print(f"\nSmolLM2-135M-Instruct, {args.seeds} dialogues, K={args.k}, branching={args.branching}, "
+          f"{args.turns} turns, up to {args.max_new_tokens}/{args.user_max_new_tokens} new tokens "
+          f"(assistant/user), cache length {cache_len(cfg)}\n")
+    print("| turn | dialogues | tokens prefilled (both sides) | assistant prompt tokens (full re-prefill) | "
+          "prefill s | decode s | rewinds |")
+    print("|---|---|---|---|---|---|---|")
+    for row, f in zip(log, full):
+        print(f"| {row['turn']} | {row['dialogues']} | {row['prefill_tokens']} | {f} | {row['prefill_seconds']:.2f} "
+              f"| {row['decode_seconds']:.2f} | {row['rewinds']} |")
+    print(f"\nwhole search {wall:.1f} s; compiled: {cc} {dict(cc.by_function)}; cache: {stats.as_dict()}")
+
+
+def distinct(args) -> None:
+    out = {}
+    for mode in ("sample", "latent"):
+        with tempfile.TemporaryDirectory() as d:
+            s = run_search(SearchConfig(model=args.model, num_seeds=args.seeds, turns=args.turns, k=args.k,
+                                        branching=mode, max_new_tokens=args.max_new_tokens,
+                                        user_max_new_tokens=args.user_max_new_tokens, batch_seeds=args.seeds,
+                                        output_dir=d))
+        out[mode] = s["distinct_actions_mean"]
+        print(f"  {mode}: mean distinct actions per node {out[mode]}", flush=True)
+    print(f"\n{args.model}, K={args.k}, {args.seeds} seeds x {args.turns} turns: mean distinct actions per node: "
+          f"branching=sample {out['sample']}, branching=latent {out['latent']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="cost", choices=("cost", "turns", "distinct"))
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--user-max-new-tokens", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ks", default="1,4,8")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--branching", default="latent", choices=("latent", "sample", "enumerate"))
+    args = ap.parse_args()
+    if args.mode == "distinct" and args.turns == 8:
+        args.turns = 2
+    {"cost": cost, "turns": turns, "distinct": distinct}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -92,10 +92,23 @@ class Episode:
         return text
 
 
-def user_turns(sim: Policy, episodes: Sequence[Episode], sampling: SamplingParams, seed: int) -> None:
-    """One simulated user reply for every live episode, batched."""
+def user_turns(sim: Policy, episodes: Sequence[Episode], sampling: SamplingParams, seed: int,
+               pool=None) -> None:
+    """One simulated user reply for every live episode, batched. With a `DialoguePool`
+    (rollout.dialogue_cache) each episode keeps its simulator cache across turns and only the new
+    tokens are prefilled; an episode whose history no longer fits it ends (note "cache full")."""
     live = [e for e in episodes if not e.done]
     if not live:
+        return
+    if pool is not None:
+        full = set(pool.sync({e.id: sim.encode_chat(e.user_view) for e in live}))
+        for e in live:
+            if e.id in full:
+                e.done, e.note = True, "cache full: the user simulator's history does not fit max_cache_len"
+        live = [e for e in live if not e.done]
+        got = pool.generate({e.id: sampling for e in live}, seed=seed)
+        for e in live:
+            e.add_user(sim.decode(got[e.id][0]))
         return
     from sage_jax import rollout
 

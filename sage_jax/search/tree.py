@@ -1,12 +1,23 @@
 """Dialogue tree search over latent state-actions (SAGE.md §4; DESIGN.md §5, §11).
 
 At every assistant turn of every live dialogue, K children are generated that differ first in
-their latent state-action, then in words:
-  - `branching="sample"`: K sampled continuations of the dialogue prefix; the prefix is prefilled
-    once and its KV cache broadcast to the K rows (`rollout.generate(num_continuations=K)`);
-  - `branching="enumerate"`: the user state is decoded once (greedy), then K distinct values of
-    the action's motivation from a closed vocabulary (e.g. the 8 ESConv strategies) are pinned
-    as a prefill and each child completes the rest: children have distinct latents by design.
+their latent state-action, then in words, all on the dialogue's own KV cache
+(`rollout.dialogue_cache`: one cache per dialogue and side, kept across turns; each turn prefills
+only its new tokens; the K children are forked from it and the chosen child's cache becomes the
+dialogue's next cache):
+  - `branching="latent"` (default, latent-first): the user-state block is decoded once (greedy),
+    then K action blocks are sampled from it, duplicates resampled (`action_tries` rounds) so
+    the children hold K distinct actions where the model can produce them, then each child
+    decodes its reply from its own latent prefix;
+  - `branching="enumerate"`: the same state block, then K distinct values of the action's
+    motivation from a closed vocabulary (e.g. the 8 ESConv strategies) pinned as a prefill, and
+    each child completes the rest: children have distinct latents by design;
+  - `branching="sample"`: K whole messages sampled from the dialogue's cache.
+Every node records `distinct_actions` (distinct parsed actions among its children) and
+`distinct_latents`. `cache=False` re-prefills the whole history every turn (sample/enumerate; the
+earlier path, kept for comparison). The run's summary reports the programs compiled (count and
+seconds: a fixed cache length and chunk widths keep it to a handful per search) and the cache
+counters (tokens prefilled, reused, rewound when a chat template re-renders history).
 The judge picks the best child (best-of-K, retried on unparseable verdicts); the chosen child
 continues, the others are kept as negatives; the simulated user answers; all dialogues of a batch
 advance together. Beam width and lookahead are 1, the paper's setting (deeper search: future work).
@@ -28,10 +39,12 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from sage_jax import rollout
-from sage_jax.data.jsonl import JsonlWriter, done_ids
+from sage_jax.data.jsonl import JsonlWriter
 from sage_jax.data.readers import read_seeds
 from sage_jax.data.sample import sample_path
 from sage_jax.judge import make_judge, select_best
+from sage_jax.rollout.compiles import CompileCounter
+from sage_jax.rollout.dialogue_cache import BranchConfig, CacheStats, DialoguePool, action_key, branch
 from sage_jax.rollout.policy import Policy, load_policy
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.rollout.selfplay import Episode, user_turns
@@ -50,8 +63,15 @@ class SearchConfig:
     output_dir: str = "runs/search"
     turns: int = 8  # assistant turns per dialogue (the paper: 8 assistant, 7 user)
     k: int = 4  # children per assistant turn
-    branching: Literal["sample", "enumerate"] = "sample"
+    # latent: decode the user state once, then K distinct sampled actions, then each reply;
+    # enumerate: K distinct a_motivation values of `vocabulary` pinned; sample: K whole messages.
+    branching: Literal["latent", "sample", "enumerate"] = "latent"
     vocabulary: str = "esconv_strategies"  # closed vocabulary of a_motivation for branching=enumerate
+    latent_max_new_tokens: int = 48  # budget of one decoded latent block (state or action)
+    action_tries: int = 3  # branching=latent: rounds resampling duplicate actions
+    max_cache_len: int | None = None  # per-dialogue KV cache limit (default: the model's max positions)
+    cache_len: int | None = None  # initial per-dialogue cache length (default: what `turns` need at most)
+    cache: bool = True  # one KV cache per dialogue kept across turns (False: re-prefill every turn)
     negatives_per_turn: int = 1  # preference pairs per assistant turn
     humour: bool = False
     judge_tries: int = 5
@@ -79,8 +99,24 @@ def _latent_json(lat):
     return None if lat is None else latent_to_json(lat)
 
 
-def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed: int) -> list[list[dict]]:
-    """K candidate assistant messages per episode (each {"content", "finish_reason", ...})."""
+def branch_config(cfg: SearchConfig) -> BranchConfig:
+    values = tuple(get_vocabulary(cfg.vocabulary).values) if cfg.branching == "enumerate" else ()
+    return BranchConfig(mode=cfg.branching, k=cfg.k, latent_max_new_tokens=cfg.latent_max_new_tokens,
+                        action_tries=cfg.action_tries, vocabulary=values)
+
+
+def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed: int,
+           pool: DialoguePool | None = None) -> list[list[dict] | None]:
+    """K candidate assistant messages per episode (each {"content", "finish_reason", ...}; None
+    for an episode whose history does not fit the cache), decoded on each episode's KV cache in
+    `pool` (a fresh pool when None; `pool.commit(chosen)` then keeps the chosen child's cache).
+    cfg.cache=False: the earlier path, re-prefilling the whole history (sample/enumerate only)."""
+    if cfg.cache or cfg.branching == "latent":
+        if pool is None:
+            pool = DialoguePool(policy, len(episodes), max_cache_len=cfg.max_cache_len)
+        got = branch(policy, pool, {e.id: e.assistant_view for e in episodes}, cfg.sampling(cfg.max_new_tokens),
+                     branch_config(cfg), seed)
+        return [got[e.id] for e in episodes]
     sp = cfg.sampling(cfg.max_new_tokens)
     if cfg.branching == "sample":
         prompts = [policy.encode_chat(e.assistant_view) for e in episodes]
@@ -117,34 +153,89 @@ def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed:
     return out
 
 
+def make_pools(policy: Policy, sim: Policy, cfg: SearchConfig, stats: CacheStats | None = None):
+    """(assistant pool, simulator pool): one KV-cache row per dialogue of a batch, reused across batches."""
+    stats = stats if stats is not None else CacheStats()
+    return (DialoguePool(policy, cfg.batch_seeds, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg),
+                         stats=stats),
+            DialoguePool(sim, cfg.batch_seeds, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg),
+                         stats=stats))
+
+
+def cache_len(cfg: SearchConfig) -> int:
+    """The per-dialogue cache length a whole search needs at most (the persona and seed, then every
+    turn's tokens at their budgets), so the cache is sized once (a power of two, at most
+    max_cache_len) and a search compiles each program once; a row outgrowing it grows it."""
+    latents = 2 * cfg.latent_max_new_tokens if cfg.branching != "sample" else 0
+    return cfg.cache_len or 256 + cfg.turns * (cfg.max_new_tokens + cfg.user_max_new_tokens + latents + 24)
+
+
 def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, str]], cfg: SearchConfig,
-                 seed: int) -> list[dict]:
-    """Search one batch of (id, seed text) dialogues; returns one result record per dialogue."""
+                 seed: int, pools: tuple[DialoguePool, DialoguePool] | None = None,
+                 turn_log: list[dict] | None = None) -> list[dict]:
+    """Search one batch of (id, seed text) dialogues; returns one result record per dialogue.
+
+    pools: from `make_pools` (made here when None and cfg.cache); turn_log: gets one record of
+    cache counters per assistant turn (prefill tokens and seconds, rewinds, ...)."""
     episodes = [Episode.start(i, s) for i, s in seeds]
     nodes: dict[str, list[dict]] = {e.id: [] for e in episodes}
     pairs: dict[str, list[dict]] = {e.id: [] for e in episodes}
     rng = random.Random(seed)
+    cached = cfg.cache or cfg.branching == "latent"
+    if cached and pools is None:
+        pools = make_pools(policy, sim, cfg)
+    apool, upool = pools if cached else (None, None)
+    try:
+        _search_turns(policy, sim, judge, episodes, nodes, pairs, rng, cfg, seed, apool, upool, turn_log)
+    finally:
+        for p in (apool, upool):
+            if p is not None:
+                p.release([e.id for e in episodes])
+    results = []
+    for e in episodes:
+        dialogue = Dialogue(e.id, tuple(e.turns), meta={"seed": e.seed, "model": policy.name, "judge": judge.name,
+                                                          **({"note": e.note} if e.note else {})})
+        results.append({"id": e.id, "dialogue": dialogue, "nodes": nodes[e.id], "pairs": pairs[e.id],
+                        "assistant_view": e.assistant_view})
+    return results
+
+
+def _search_turns(policy, sim, judge, episodes, nodes, pairs, rng, cfg: SearchConfig, seed, apool, upool,
+                  turn_log) -> None:
     for turn in range(cfg.turns):
         live = [e for e in episodes if not e.done]
         if not live:
             break
-        cands = expand(policy, live, cfg, seed=seed + 1000 * turn)
+        before = apool.stats.copy() if apool is not None else None
+        cands = expand(policy, live, cfg, seed=seed + 1000 * turn, pool=apool)
+        for e, cs in zip(live, cands):
+            if cs is None:
+                e.done, e.note = True, "cache full: the assistant's history does not fit max_cache_len"
+        live, cands = [e for e in live if not e.done], [cs for cs in cands if cs is not None]
+        if not live:
+            break
         if cfg.k > 1:
             sels = select_best(judge, [e.turns for e in live], [[c["content"] for c in cs] for cs in cands],
                                tries=cfg.judge_tries, humour=cfg.humour, seed=seed + turn)
         else:
             sels = [None] * len(live)
+        chosen = {}
         for e, cs, sel in zip(live, cands, sels):
             index = 0 if sel is None or sel.index is None else sel.index
+            chosen[e.id] = index
             history = [dataclasses.replace(t) for t in e.turns]
+            actions = set()
             for c in cs:
-                c["state"], c["action"], c["reply"] = (lambda s, a, r: (_latent_json(s), _latent_json(a), r))(
-                    *_latents(c["content"]))
+                c.pop("tokens", None)
+                st, act, c["reply"] = _latents(c["content"])
+                actions.add(action_key(act))
+                c["state"], c["action"] = _latent_json(st), _latent_json(act)
             nodes[e.id].append({
                 "turn": turn, "candidates": cs, "chosen": index,
                 "verdict": None if sel is None else {"kind": sel.verdict.kind, "raw": list(sel.raw),
                                                      "tries": sel.tries, "judge": sel.judge},
-                "distinct_latents": len({json.dumps([c["state"], c["action"]]) for c in cs})})
+                "distinct_latents": len({json.dumps([c["state"], c["action"]]) for c in cs}),
+                "distinct_actions": len(actions)})
             others = [j for j in range(len(cs)) if j != index]
             for j in rng.sample(others, min(cfg.negatives_per_turn, len(others))):
                 hist_json = dialogue_to_json(Dialogue(e.id, tuple(history)))["turns"]
@@ -156,15 +247,12 @@ def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, 
                                     "meta": {"judge": None if sel is None else sel.judge,
                                              "verdict": None if sel is None else sel.verdict.kind}})
             e.add_assistant(cs[index]["content"])
+        if apool is not None:
+            apool.commit(chosen)  # the chosen child's cache is the dialogue's next cache
         if turn + 1 < cfg.turns:
-            user_turns(sim, live, cfg.sampling(cfg.user_max_new_tokens), seed=seed + 1000 * turn + 500)
-    results = []
-    for e in episodes:
-        dialogue = Dialogue(e.id, tuple(e.turns), meta={"seed": e.seed, "model": policy.name, "judge": judge.name,
-                                                          **({"note": e.note} if e.note else {})})
-        results.append({"id": e.id, "dialogue": dialogue, "nodes": nodes[e.id], "pairs": pairs[e.id],
-                        "assistant_view": e.assistant_view})
-    return results
+            user_turns(sim, live, cfg.sampling(cfg.user_max_new_tokens), seed=seed + 1000 * turn + 500, pool=upool)
+        if turn_log is not None and before is not None:
+            turn_log.append({"turn": turn + 1, "dialogues": len(live), **apool.stats.minus(before)})
 
 
 def render_tree_html(result: dict) -> str:
@@ -222,10 +310,15 @@ def run_search(cfg: SearchConfig) -> dict:
     (out / "trees").mkdir(exist_ok=True)
     writers = {n: JsonlWriter(out / f"{n}.jsonl") for n in ("trajectories", "sft", "pairs", "trees")}
     bar = progress(len(todo), "search", unit="dialogue", show=jax.process_index() == 0)
+    stats = CacheStats()
+    pools = make_pools(policy, sim, cfg, stats) if (cfg.cache or cfg.branching == "latent") else None
+    compiles = CompileCounter().__enter__()
+    actions = []
     try:
         for b in range(0, len(todo), cfg.batch_seeds):
             batch = todo[b: b + cfg.batch_seeds]
-            for r in search_batch(policy, sim, judge, batch, cfg, seed=cfg.seed + b):
+            for r in search_batch(policy, sim, judge, batch, cfg, seed=cfg.seed + b, pools=pools):
+                actions += [n["distinct_actions"] for n in r["nodes"]]
                 d = dialogue_to_json(r["dialogue"])
                 writers["sft"].write(d)
                 writers["trajectories"].write({**d, "assistant_view": r["assistant_view"]})
@@ -237,7 +330,14 @@ def run_search(cfg: SearchConfig) -> dict:
                 summary["pairs"] += len(r["pairs"])
             bar.update(len(batch))
     finally:
+        compiles.__exit__(None, None, None)
         bar.close()
         for w in writers.values():
             w.close()
+    summary["compiles"] = compiles.summary()
+    summary["cache"] = stats.as_dict()
+    summary["distinct_actions_mean"] = round(sum(actions) / len(actions), 3) if actions else None
+    print(f"search: {compiles} (programs compiled, seconds); cache: {stats.prefill_tokens} tokens prefilled, "
+          f"{stats.reused_tokens} reused, {stats.rewinds} rewinds; mean distinct actions per node "
+          f"{summary['distinct_actions_mean']}", file=sys.stderr)
     return summary

@@ -1,0 +1,537 @@
+"""One KV cache per live dialogue, kept across turns (DESIGN.md §11), and the tree search's
+branching on it.
+
+`RowCache` is R rows of a KV cache on device plus, on the host, the token ids each row holds
+(`ids[r]`, always equal to the row's fill level `end[r]` on device) and whether the row's
+next-token logits are current. `sync({row: target_ids})` makes row r hold exactly `target_ids`:
+the longest common prefix with what the row holds is kept, the rest is dropped (the fill level
+is rewound: a slot past `end` is never attended, so this costs nothing) and only the new tokens
+are prefilled, in chunks of a bucketed width. A target that extends the cache (the usual case:
+the simulated user's reply, the template tokens, a pinned prefill) is a pure append; one that
+does not (a chat template that re-renders an earlier turn differently, a generated message whose
+re-tokenized text differs from the sampled tokens) is recomputed from the first differing token
+and counted in `CacheStats.rewinds`, so the cache always holds the same tokens a full re-prefill
+of the history would: what it holds is the chat-template encoding of the dialogue (the sampled
+tokens are kept where they coincide with it, which is nearly always). `generate` decodes rows on
+the cache in place (the sampler's compiled loop); the generated tokens stay in the cache (all but
+each row's last, which the next `sync` appends along with the end-of-turn and template tokens).
+
+`DialoguePool` owns one `RowCache` for one policy, maps dialogue keys to rows, and is reused
+across batches (rows are acquired and released, the device buffers stay; `allocations` counts
+the buffers ever made). Branching: `fork(k)` copies every row to k child rows (one copy of the
+prefix per child: what dense attention needs), the children are synced/decoded together, and
+`commit(chosen)` makes the chosen child's cache the dialogue's next cache.
+
+Capacity: the cache length grows in powers of two up to `max_cache_len` (default: the model's
+`max_position_embeddings`); a dialogue whose encoding does not fit is reported (`sync` returns
+its key, `CacheStats.cache_full` counts it) and a child that runs out of slots while decoding
+finishes with finish_reason "cache_full": nothing is truncated.
+
+Branching modes (`branch`):
+  - "latent" (latent-first): the user-state block is decoded once per dialogue (greedy), then K
+    action blocks are sampled from it on K forked rows; duplicate actions are resampled (up to
+    `action_tries` rounds) so the K children hold K distinct actions where the model can produce
+    them (`distinct_actions` per dialogue); each child then decodes its reply from its own latent
+    prefix on the shared cache;
+  - "enumerate": the same state block, then K distinct values of `a_motivation` from a closed
+    vocabulary pinned as each child's prefill;
+  - "sample": K whole messages sampled from the dialogue's cache (the earlier default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import time
+from typing import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sage_jax import model as M
+from sage_jax.model.config import ModelConfig
+from sage_jax.rollout import sampler as S
+from sage_jax.rollout.policy import Policy
+from sage_jax.rollout.sampling import Processing, SamplingParams, update_presence
+from sage_jax.sac import DEFAULT_SCHEMA, Latent, Schema, parse_assistant_lenient, render_latent
+
+CHUNK_WIDTHS = (32, 128)  # prefill chunk widths (a longer chunk is prefilled in several calls)
+MIN_CACHE = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Device functions
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "logits"))
+def extend(cfg: ModelConfig, params, cache, logits, tokens, lengths, start):
+    """Rewind each row's fill level to start[b] (<= end[b]) and prefill the chunk [B, T] there
+    (lengths [B] >= 0; rows with length 0 keep their logits)."""
+    cache = dict(cache, end=start.astype(jnp.int32))
+    seg = S._chunk_segments(tokens, lengths)
+    x, cache = M.hidden_states(cfg, params, tokens, segment_ids=seg, cache=cache)
+    logits = jnp.where((lengths > 0)[:, None], S._last_logits(cfg, params, x, lengths), logits)
+    return cache, logits
+
+
+@jax.jit
+def take_rows(cache, logits, idx):
+    """Rows idx of a cache (k/v on axis 1, the rest on axis 0) and of its logits: fork or select."""
+    return ({"k": cache["k"][:, idx], "v": cache["v"][:, idx], "segment_ids": cache["segment_ids"][idx],
+             "end": cache["end"][idx]}, logits[idx])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "proc", "new_len"), donate_argnames=("cache",))
+def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, history, rows, seed, *, new_len: int):
+    """The sampler's decode loop on an existing cache. history [B, H] (-1 = none): the ids each
+    row holds, for the repetition penalty's presence mask; rows: per-row settings (numpy, see
+    `_row_arrays`), row r's key is fold_in(key(seed), rows["seeds"][r]) as in `rollout.generate`.
+    Returns (cache, tokens, length, reason)."""
+    b = logits.shape[0]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), rows["seeds"])
+    if proc.repetition_penalty:
+        pres = update_presence(jnp.zeros((b, cfg.vocab_size), bool), history, history >= 0)
+    else:
+        pres = jnp.zeros((b, 1), bool)
+    state = S.SamplerState(
+        cache=cache, logits=logits, tokens=jnp.zeros((b, new_len), jnp.int32),
+        logprobs=jnp.zeros((b, new_len), jnp.float32), length=jnp.zeros((b,), jnp.int32),
+        done=rows["max_new"] <= 0, reason=jnp.where(rows["max_new"] <= 0, S.LENGTH, S.RUNNING).astype(jnp.int32),
+        presence=pres, stop_ids=rows["stop_ids"], keys=keys, max_new=rows["max_new"],
+        min_new=rows["min_new"], temperature=rows["temperature"], top_p=rows["top_p"], penalty=rows["penalty"],
+        step=jnp.zeros((), jnp.int32))
+    state = S.decode(cfg, proc, params, state)
+    return state.cache, state.tokens, state.length, state.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters of one search (or one pool): what was prefilled, reused, rewound, compiled."""
+
+    prefill_tokens: int = 0  # tokens prefilled onto caches (new tokens only)
+    prefill_seconds: float = 0.0
+    prefill_calls: int = 0
+    reused_tokens: int = 0  # tokens a target shared with what its row already held
+    rewinds: int = 0  # dialogue rows whose new encoding was not an extension of their cache
+    rewound_tokens: int = 0  # tokens those rewinds dropped (and prefilled again)
+    trimmed_tokens: int = 0  # tokens decoded past a latent block's end, dropped by design
+    decode_seconds: float = 0.0
+    decode_calls: int = 0
+    forks: int = 0
+    cache_full: int = 0  # dialogues whose encoding did not fit max_cache_len
+    grows: int = 0  # cache-length bucket increases
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def minus(self, other: "CacheStats") -> dict:
+        a, b = dataclasses.asdict(self), dataclasses.asdict(other)
+        return {k: (round(a[k] - b[k], 4) if isinstance(a[k], float) else a[k] - b[k]) for k in a}
+
+    def copy(self) -> "CacheStats":
+        return dataclasses.replace(self)
+
+
+def _row_arrays(cfg: ModelConfig, per_row: Sequence[SamplingParams], max_new: Sequence[int],
+                row_seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-row settings as numpy arrays (what `sampler._row_settings` makes, keys derived on
+    device): host arrays go into the jitted call as arguments, no eager transfer programs."""
+    n = len(per_row)
+    stop = np.full((n, S.MAX_STOP_IDS), -1, np.int32)
+    out = {"max_new": np.asarray(max_new, np.int32), "min_new": np.zeros((n,), np.int32),
+           "temperature": np.ones((n,), np.float32), "top_p": np.ones((n,), np.float32),
+           "penalty": np.ones((n,), np.float32), "seeds": np.asarray([s % (1 << 32) for s in row_seeds], np.uint32)}
+    for i, sp in enumerate(per_row):
+        ids = S._stop_ids(cfg, sp)
+        stop[i, : len(ids)] = ids
+        out["min_new"][i] = sp.min_new_tokens
+        out["temperature"][i] = sp.temperature if sp.temperature > 0 else 1.0
+        out["top_p"][i], out["penalty"][i] = sp.top_p, sp.repetition_penalty
+    out["stop_ids"] = stop
+    return out
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class RowCache:
+    """R rows of a KV cache (device) and the token ids each row holds (host)."""
+
+    def __init__(self, cfg: ModelConfig, params, rows: int, *, limit: int, capacity: int,
+                 stats: CacheStats | None = None, _arrays=None):
+        self.cfg, self.params, self.rows, self.limit = cfg, params, rows, int(limit)
+        self.stats = stats if stats is not None else CacheStats()
+        if _arrays is None:
+            capacity = min(max(S.bucket(capacity), 1), self.limit)
+            self.cache = M.init_cache(cfg, rows, capacity)
+            self.logits = jnp.zeros((rows, cfg.vocab_size), jnp.float32)
+        else:
+            self.cache, self.logits = _arrays
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.fresh = [False] * rows  # logits are those after the row's last id
+
+    @property
+    def capacity(self) -> int:
+        return int(self.cache["segment_ids"].shape[1])
+
+    def reserve(self, need: int) -> None:
+        """Grow the cache length to hold `need` tokens per row (a power of two, at most `limit`)."""
+        if need <= self.capacity or self.capacity >= self.limit:
+            return
+        new = min(S.bucket(need), self.limit)
+        pad = new - self.capacity
+        c = self.cache
+        self.cache = {"k": jnp.pad(c["k"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+                      "v": jnp.pad(c["v"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+                      "segment_ids": jnp.pad(c["segment_ids"], ((0, 0), (0, pad))), "end": c["end"]}
+        self.stats.grows += 1
+
+    def reset(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            self.ids[r], self.fresh[r] = [], False
+
+    def take(self, idx: Sequence[int]) -> "RowCache":
+        """A new RowCache whose row i is a copy of row idx[i] (fork when idx repeats rows)."""
+        cache, logits = take_rows(self.cache, self.logits, np.asarray(idx, np.int32))
+        out = RowCache(self.cfg, self.params, len(idx), limit=self.limit, capacity=self.capacity,
+                       stats=self.stats, _arrays=(cache, logits))
+        out.ids = [list(self.ids[i]) for i in idx]
+        out.fresh = [self.fresh[i] for i in idx]
+        return out
+
+    def sync(self, targets: dict[int, Sequence[int]], *, trim: bool = False) -> list[int]:
+        """Make row r hold exactly targets[r] (fresh logits after its last token), prefilling only
+        what it does not already hold. Returns the rows whose target does not fit (untouched).
+
+        trim: the dropped tokens were decoded past a cut on purpose (latent blocks), counted as
+        `trimmed_tokens`, not as rewinds."""
+        full = [r for r, t in targets.items() if len(t) > self.limit]
+        self.stats.cache_full += len(full)
+        plan = {r: list(t) for r, t in targets.items() if r not in full}
+        if not plan:
+            return full
+        for r, t in plan.items():
+            if len(t) == 0:
+                raise ValueError("sync: an empty target (a row needs at least one token)")
+        self.reserve(max(len(t) for t in plan.values()))
+        starts, rests = {}, {}
+        for r, t in plan.items():
+            held = self.ids[r]
+            n = _lcp(held, t)
+            if n == len(t) and n == len(held) and self.fresh[r]:
+                continue  # nothing to do
+            if n == len(t):
+                n -= 1  # recompute the last token: its logits are needed
+            dropped = len(held) - n
+            if dropped > 0 and not (n == len(t) - 1 and len(held) == len(t)):
+                if trim:
+                    self.stats.trimmed_tokens += dropped
+                else:
+                    self.stats.rewinds += 1
+                    self.stats.rewound_tokens += dropped
+            starts[r], rests[r] = n, t[n:]
+            self.stats.reused_tokens += n
+        if not rests:
+            return full
+        longest = max(len(x) for x in rests.values())
+        width = min(next((w for w in CHUNK_WIDTHS if w >= longest), CHUNK_WIDTHS[-1]), self.capacity)
+        t0 = time.perf_counter()
+        done = 0
+        while done < longest:
+            toks = np.zeros((self.rows, width), np.int32)
+            lens = np.zeros((self.rows,), np.int32)
+            start = np.asarray([len(h) for h in self.ids], np.int32)  # untouched rows: their own end
+            for r, rest in rests.items():
+                piece = rest[done: done + width]
+                toks[r, : len(piece)] = piece
+                lens[r] = len(piece)
+                start[r] = starts[r] + min(done, len(rest))
+            self.cache, self.logits = extend(self.cfg, self.params, self.cache, self.logits, toks, lens, start)
+            self.stats.prefill_calls += 1
+            done += width
+        self.logits.block_until_ready()
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        for r, rest in rests.items():
+            self.stats.prefill_tokens += len(rest)
+        for r, t in plan.items():
+            self.ids[r], self.fresh[r] = t, True
+        return full
+
+    def generate(self, settings: dict[int, SamplingParams], *, seed: int, row_seeds: dict[int, int] | None = None
+                 ) -> dict[int, tuple[list[int], str]]:
+        """Decode the given rows (each must be fresh) with their settings; the others stay as they
+        are. Returns {row: (tokens, finish_reason)}; a generated token is in the cache except each
+        row's last one."""
+        if not settings:
+            return {}
+        for r in settings:
+            if not self.fresh[r]:
+                raise RuntimeError(f"row {r}: sync it before generating (its logits are stale)")
+        any_sp = next(iter(settings.values()))
+        per_row = [settings.get(r, any_sp) for r in range(self.rows)]
+        mx = [settings[r].max_new_tokens if r in settings else 0 for r in range(self.rows)]
+        proc = Processing.of(list(settings.values()), self.cfg.vocab_size)
+        self.reserve(max(len(self.ids[r]) + mx[r] for r in settings))
+        seeds = [(row_seeds or {}).get(r, r) for r in range(self.rows)]
+        rows = _row_arrays(self.cfg, per_row, mx, seeds)
+        if proc.repetition_penalty:
+            hist = np.full((self.rows, self.capacity), -1, np.int32)
+            for r in settings:
+                hist[r, : len(self.ids[r])] = self.ids[r]
+        else:
+            hist = np.zeros((self.rows, 1), np.int32)
+        new_len = S.bucket(max(mx), 16)
+        t0 = time.perf_counter()
+        self.cache, toks, length, reason = decode_rows(self.cfg, proc, self.params, self.cache, self.logits,
+                                                       hist, rows, np.uint32(seed % (1 << 32)), new_len=new_len)
+        toks, length, reason = jax.device_get((toks, length, reason))
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_calls += 1
+        out = {}
+        for r in settings:
+            ln = int(length[r])
+            got = toks[r, :ln].tolist()
+            out[r] = (got, S.REASONS[int(reason[r])])
+            self.ids[r] = self.ids[r] + got[: max(ln - 1, 0)]
+            self.fresh[r] = ln == 0
+        return out
+
+
+class DialoguePool:
+    """Cache rows for the live dialogues of one policy, reused across batches."""
+
+    def __init__(self, policy: Policy, rows: int, *, max_cache_len: int | None = None, cache_len: int = MIN_CACHE,
+                 stats: CacheStats | None = None):
+        self.policy = policy
+        self.rows = S.bucket(rows)
+        self.limit = int(max_cache_len or policy.cfg.max_position_embeddings)
+        self.stats = stats if stats is not None else CacheStats()
+        self.cache = RowCache(policy.cfg, policy.params, self.rows, limit=self.limit,
+                              capacity=max(cache_len, MIN_CACHE), stats=self.stats)
+        self.allocations = 1
+        self.row_of: dict[Hashable, int] = {}
+        self.free = list(range(self.rows))
+        self.children: RowCache | None = None
+        self.k = 0
+        self.rows_used: list[int] = []  # every row handed out, in order (tests: reuse)
+
+    def acquire(self, keys: Sequence[Hashable]) -> None:
+        for key in keys:
+            if key in self.row_of:
+                continue
+            if not self.free:
+                raise RuntimeError(f"DialoguePool: all {self.rows} rows are in use")
+            r = self.free.pop(0)
+            self.row_of[key] = r
+            self.rows_used.append(r)
+            self.cache.reset([r])
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        for key in keys:
+            r = self.row_of.pop(key, None)
+            if r is not None:
+                self.free.append(r)
+                self.free.sort()
+        self.children = None
+
+    def sync(self, targets: dict[Hashable, Sequence[int]]) -> list[Hashable]:
+        """Bring each dialogue's cache to its encoding; returns the keys that do not fit."""
+        self.acquire(list(targets))
+        full = self.cache.sync({self.row_of[k]: t for k, t in targets.items()})
+        inv = {r: k for k, r in self.row_of.items()}
+        return [inv[r] for r in full]
+
+    def generate(self, settings: dict[Hashable, SamplingParams], *, seed: int) -> dict[Hashable, tuple[list[int], str]]:
+        got = self.cache.generate({self.row_of[k]: sp for k, sp in settings.items()}, seed=seed,
+                                  row_seeds={self.row_of[k]: i for i, k in enumerate(settings)})
+        inv = {r: k for k, r in self.row_of.items()}
+        return {inv[r]: v for r, v in got.items()}
+
+    def fork(self, k: int) -> RowCache:
+        """k child rows per row (row r's children are rows r*k .. r*k+k-1)."""
+        self.children = self.cache.take([r for r in range(self.rows) for _ in range(k)])
+        self.k = k
+        self.stats.forks += 1
+        return self.children
+
+    def child(self, key: Hashable, j: int) -> int:
+        return self.row_of[key] * self.k + j
+
+    def commit(self, chosen: dict[Hashable, int]) -> None:
+        """The chosen child's cache becomes its dialogue's cache (other rows: their first child,
+        an unchanged copy when the row did not branch)."""
+        if self.children is None:
+            raise RuntimeError("commit without fork")
+        idx = [r * self.k for r in range(self.rows)]
+        for key, j in chosen.items():
+            idx[self.row_of[key]] = self.row_of[key] * self.k + j
+        self.cache = self.children.take(idx)
+        self.children = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Branching: K children per dialogue on the shared cache
+
+
+def _block_stop_ids(policy: Policy, close: str, max_ids: int = S.MAX_STOP_IDS - 2) -> tuple[int, ...]:
+    """Token ids that end a latent block (close the delimiter) as the tokenizer writes it."""
+    tok = policy.tokenizer
+    ids: list[int] = []
+    for probe in ("]" + close, close, " " + close, "null" + close, "a" + close, "] " + close):
+        enc = tok(probe, add_special_tokens=False)["input_ids"]
+        for t in enc:
+            if close in tok.decode([t]) and t not in ids:
+                ids.append(t)
+    return tuple(ids[:max_ids])
+
+
+def _eos_ids(policy: Policy) -> tuple[int, ...]:
+    eos = policy.cfg.eos_token_id
+    return () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+
+
+def _cut_block(text: str, close: str) -> tuple[str, bool]:
+    """Text up to and including the first `close` (and whether there was one)."""
+    i = text.find(close)
+    return (text, False) if i < 0 else (text[: i + len(close)], True)
+
+
+def _action_key(action: Latent | None, raw: str) -> str:
+    if action is None:
+        return "raw:" + " ".join(raw.split()).lower()
+    return "|".join([(action.motivation or "").lower(), (action.emotion or "").lower(),
+                     ",".join(t.lower() for t in action.topic)])
+
+
+def action_key(action: Latent | None, raw: str = "") -> str:
+    """What makes two actions the same: their parsed fields (case-folded), else the raw text."""
+    return _action_key(action, raw)
+
+
+def duplicates(keys: dict[Hashable, Sequence[str]]) -> list[tuple[Hashable, int]]:
+    """(dialogue, child) pairs whose action repeats an earlier sibling's: the ones to resample."""
+    out = []
+    for d, ks in keys.items():
+        seen = set()
+        for j, key in enumerate(ks):
+            if key in seen:
+                out.append((d, j))
+            seen.add(key)
+    return out
+
+
+@dataclasses.dataclass
+class BranchConfig:
+    mode: str = "latent"  # latent | enumerate | sample
+    k: int = 4
+    latent_max_new_tokens: int = 48
+    action_tries: int = 3  # extra rounds resampling duplicate actions (latent mode)
+    vocabulary: Sequence[str] = ()  # enumerate: the closed a_motivation values
+    schema: Schema = DEFAULT_SCHEMA
+
+
+def branch(policy: Policy, pool: DialoguePool, views: dict[Hashable, list[dict]], sp: SamplingParams,
+           bc: BranchConfig, seed: int) -> dict[Hashable, list[dict] | None]:
+    """K candidate assistant messages per dialogue ({"content", "finish_reason", ...}), decoded
+    on the dialogue's cache; None for a dialogue whose history does not fit the cache. The
+    children stay in `pool.children` until `pool.commit(chosen)`."""
+    targets = {key: policy.encode_chat(v) for key, v in views.items()}
+    full = set(pool.sync(targets))
+    live = [key for key in views if key not in full]
+    out: dict[Hashable, list[dict] | None] = {key: None for key in full}
+    eos = _eos_ids(policy)
+    reply_sp = sp.replace(stop_token_ids=eos, stop_strings=())
+    d = bc.schema.delimiters(False)
+    prefix_text: dict[Hashable, str] = {key: "" for key in live}
+    if bc.mode in ("latent", "enumerate") and live:
+        state_sp = SamplingParams.greedy_params(bc.latent_max_new_tokens,
+                                                stop_token_ids=eos + _block_stop_ids(policy, d.state_close))
+        got = pool.generate({key: state_sp for key in live}, seed=seed)
+        for key in live:
+            raw = policy.decode(got[key][0]).lstrip()
+            cut, _ = _cut_block(raw, d.state_close)
+            state = parse_assistant_lenient(cut + " x", bc.schema).state
+            # Canonical rendering, so every child shares exactly this state; a state the model did
+            # not produce is all-null (recorded as such in the tree).
+            prefix_text[key] = render_latent(state if state is not None else Latent(), "user", bc.schema)
+        pool.cache.sync({pool.row_of[key]: policy.encode_chat(views[key], prefill=prefix_text[key]) for key in live},
+                        trim=True)
+    kids = pool.fork(bc.k)
+    state_targets = {key: kids.ids[pool.child(key, 0)] for key in live}
+    child_prefill: dict[tuple, str] = {}
+    extra: dict[tuple, dict] = {}
+    n_children = {key: bc.k for key in live}
+    if bc.mode == "sample":
+        for key in live:
+            for j in range(bc.k):
+                child_prefill[key, j] = ""
+    elif bc.mode == "enumerate":
+        rng = random.Random(seed)
+        values = list(bc.vocabulary)
+        for key in live:
+            chosen = rng.sample(values, min(bc.k, len(values)))
+            n_children[key] = len(chosen)
+            for j, v in enumerate(chosen):
+                child_prefill[key, j] = (f"{prefix_text[key]}{d.block_sep}{{a_motivation: "
+                                         f"{bc.schema.format_value(v)}, a_emotion:")
+                extra[key, j] = {"pinned": {"a_motivation": v}}
+        kids.sync({pool.child(key, j): policy.encode_chat(views[key], prefill=child_prefill[key, j])
+                   for key in live for j in range(n_children[key])})
+    elif bc.mode == "latent":
+        act_sp = sp.replace(max_new_tokens=bc.latent_max_new_tokens,
+                            stop_token_ids=eos + _block_stop_ids(policy, d.action_close), stop_strings=())
+        texts: dict[tuple, str] = {}
+        round_no = [0]
+
+        def sample(pairs: list[tuple]) -> dict[tuple, str]:
+            rows = {pool.child(key, j): (key, j) for key, j in pairs}
+            kids.sync({r: state_targets[key] for r, (key, j) in rows.items()}, trim=True)
+            got = kids.generate({r: act_sp for r in rows}, seed=seed + 7919 * round_no[0],
+                                row_seeds={r: r + kids.rows * round_no[0] for r in rows})
+            round_no[0] += 1
+            keys = {}
+            for r, (key, j) in rows.items():
+                raw, closed = _cut_block(policy.decode(got[r][0]), d.action_close)
+                action = parse_assistant_lenient(prefix_text[key] + d.block_sep + raw.lstrip() + " x",
+                                                 bc.schema).action if closed else None
+                text = (d.block_sep + render_latent(action, "assistant", bc.schema)) if action is not None else raw
+                texts[key, j] = text
+                keys[key, j] = _action_key(action, raw)
+            return keys
+
+        keys = sample([(key, j) for key in live for j in range(bc.k)])
+        for _ in range(bc.action_tries):  # resample duplicates, all dialogues together
+            dup = duplicates({key: [keys[key, j] for j in range(bc.k)] for key in live})
+            if not dup:
+                break
+            keys.update(sample(dup))
+        for key in live:
+            for j in range(bc.k):
+                child_prefill[key, j] = prefix_text[key] + texts[key, j]
+        kids.sync({pool.child(key, j): policy.encode_chat(views[key], prefill=child_prefill[key, j])
+                   for key in live for j in range(bc.k)}, trim=True)
+    else:
+        raise ValueError(f"branching: unknown mode {bc.mode!r} (latent, enumerate or sample)")
+    rows = {pool.child(key, j): (key, j) for key in live for j in range(n_children[key])}
+    got = kids.generate({r: reply_sp for r in rows}, seed=seed + 1,
+                        row_seeds={r: r for r in rows})
+    for key in live:
+        cands = []
+        for j in range(n_children[key]):
+            toks, reason = got[pool.child(key, j)]
+            c = {"content": child_prefill[key, j] + policy.decode(toks), "finish_reason": reason, "tokens": toks}
+            c.update(extra.get((key, j), {}))
+            cands.append(c)
+        out[key] = cands
+    return out

@@ -57,6 +57,7 @@ def cost(args) -> None:
                 apool.release([e.id for e in episodes])  # each repeat prefills the whole prompt again
                 t0 = time.perf_counter()
                 cands = expand(policy, episodes, cfg, seed=rep, pool=apool)
+                apool.commit({})
                 if k > 1:
                     select_best(judge, [e.turns for e in episodes], [[c["content"] for c in cs] for cs in cands])
                 return time.perf_counter() - t0

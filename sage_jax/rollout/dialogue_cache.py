@@ -338,15 +338,18 @@ class DialoguePool:
             self.cache.reset([r])
 
     def release(self, keys: Sequence[Hashable]) -> None:
+        if self.children is not None:  # forked but not committed: rebuild the parent rows
+            self.commit({})
         for key in keys:
             r = self.row_of.pop(key, None)
             if r is not None:
                 self.free.append(r)
                 self.free.sort()
-        self.children = None
 
     def sync(self, targets: dict[Hashable, Sequence[int]]) -> list[Hashable]:
         """Bring each dialogue's cache to its encoding; returns the keys that do not fit."""
+        if self.cache.cache is None:
+            raise RuntimeError("DialoguePool: commit(chosen) the forked children first")
         self.acquire(list(targets))
         full = self.cache.sync({self.row_of[k]: t for k, t in targets.items()})
         inv = {r: k for k, r in self.row_of.items()}
@@ -359,8 +362,11 @@ class DialoguePool:
         return {inv[r]: v for r, v in got.items()}
 
     def fork(self, k: int) -> RowCache:
-        """k child rows per row (row r's children are rows r*k .. r*k+k-1)."""
+        """k child rows per row (row r's children are rows r*k .. r*k+k-1). The parent's device
+        arrays are dropped until `commit` rebuilds them from the children (memory: the children
+        only, not both)."""
         self.children = self.cache.take([r for r in range(self.rows) for _ in range(k)])
+        self.cache.cache = self.cache.logits = None
         self.k = k
         self.stats.forks += 1
         return self.children

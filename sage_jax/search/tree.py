@@ -162,12 +162,17 @@ def make_pools(policy: Policy, sim: Policy, cfg: SearchConfig, stats: CacheStats
                          stats=stats))
 
 
+DEFAULT_CACHE_CAP = 4096  # the default initial cache length stops here (memory); rows may grow past it
+
+
 def cache_len(cfg: SearchConfig) -> int:
     """The per-dialogue cache length a whole search needs at most (the persona and seed, then every
-    turn's tokens at their budgets), so the cache is sized once (a power of two, at most
-    max_cache_len) and a search compiles each program once; a row outgrowing it grows it."""
+    turn's tokens at their budgets; at most DEFAULT_CACHE_CAP unless cfg.cache_len says), so the
+    cache is sized once (a power of two, at most max_cache_len) and a search compiles each program
+    once; a row outgrowing it grows it (a new bucket: those programs compile again)."""
     latents = 2 * cfg.latent_max_new_tokens if cfg.branching != "sample" else 0
-    return cfg.cache_len or 256 + cfg.turns * (cfg.max_new_tokens + cfg.user_max_new_tokens + latents + 24)
+    need = 256 + cfg.turns * (cfg.max_new_tokens + cfg.user_max_new_tokens + latents + 24)
+    return cfg.cache_len or min(need, DEFAULT_CACHE_CAP)
 
 
 def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, str]], cfg: SearchConfig,
@@ -213,6 +218,8 @@ def _search_turns(policy, sim, judge, episodes, nodes, pairs, rng, cfg: SearchCo
                 e.done, e.note = True, "cache full: the assistant's history does not fit max_cache_len"
         live, cands = [e for e in live if not e.done], [cs for cs in cands if cs is not None]
         if not live:
+            if apool is not None:
+                apool.commit({})
             break
         if cfg.k > 1:
             sels = select_best(judge, [e.turns for e in live], [[c["content"] for c in cs] for cs in cands],

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from sage_jax import parallel
+
 __all__ = ["register", "EQBenchRunConfig", "MTBenchRunConfig", "LatentRunConfig", "eq_bench_command",
            "mt_bench_command", "latent_command"]
 
@@ -30,13 +32,16 @@ class _Common:
     cache_dir: str | None = None  # completion cache for openai: backends (default $SAGE_JAX_CACHE/judge)
     cache: bool = True  # use the completion cache
     progress: bool = True  # progress bar
+    # Layout of a model of ours on this process's devices (default one device); e.g. mesh.data=4
+    # mesh.tensor=2: rows over data, params by the rule table (see README, Parallelism).
+    mesh: parallel.MeshConfig = parallel.SINGLE_DEVICE
 
 
 def _backend_opts(cfg: _Common) -> dict:
     """Options for make_chat_backend (cache: openai: only; batch size / template: models only)."""
     from sage_jax.judge.base import default_cache_dir
 
-    opts = {"batch_size": cfg.batch_size}
+    opts = {"batch_size": cfg.batch_size, "mesh": cfg.mesh}
     if cfg.template:
         opts["template"] = cfg.template
     if cfg.cache:
@@ -168,7 +173,12 @@ def latent_command(cfg: LatentRunConfig) -> int:
                           teacher_forced=cfg.teacher_forced, generate=cfg.generate,
                           template=cfg.template, seed=cfg.seed, progress=_progress(cfg),
                           latent_tokens={"auto": None, "yes": True, "no": False}[cfg.latent_tokens])
-    res = evaluate_latents(cfg.model, cfg.data, ev, output=cfg.output)
+    model = cfg.model
+    if parallel.inference_mesh(cfg.mesh) is not None:  # sharded: load the policy laid out on the mesh
+        from sage_jax.rollout.policy import load_policy
+
+        model = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
+    res = evaluate_latents(model, cfg.data, ev, output=cfg.output)
     print(format_latent_summary(res))
     if cfg.summary:
         Path(cfg.summary).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")

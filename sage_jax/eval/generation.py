@@ -109,10 +109,12 @@ class ModelChat:
         self.name = f"model:{policy.name}" if policy.name else "model"
 
     @classmethod
-    def load(cls, path: str, *, template: str | None = None, dtype: str | None = None, **kw) -> ModelChat:
+    def load(cls, path: str, *, template: str | None = None, dtype: str | None = None, mesh=None,
+             **kw) -> ModelChat:
+        """mesh: a `parallel.MeshConfig` laying the model out on this process's devices (None: one)."""
         from sage_jax.rollout.policy import load_policy
 
-        return cls(load_policy(str(path), template=template, dtype=dtype), **kw)
+        return cls(load_policy(str(path), template=template, dtype=dtype, mesh=mesh), **kw)
 
     def _strip(self, text: str) -> str:
         if not self.strip_latents:
@@ -258,12 +260,13 @@ class JudgeChat:
 
 def make_chat_backend(what: Any, *, cache_dir: str | os.PathLike | None = None, batch_size: int = 16,
                       template: str | None = None, dtype: str | None = None, strip_latents: bool = True,
-                      **options) -> ChatBackend:
+                      mesh=None, **options) -> ChatBackend:
     """A chat backend from a spec, a path or an object (see the module docstring).
 
     ``what``: ``openai:MODEL[@URL]`` | ``rules:[V]`` | ``local:DIR`` | ``smollm2`` | an HF model
     directory | a training run directory (``checkpoints/`` inside) | a :class:`ChatBackend` | a
     :class:`~sage_jax.judge.Judge`. ``options`` go to the OpenAI backend (timeout, retry, ...).
+    ``mesh`` (a ``parallel.MeshConfig``): the layout of a model of ours (ignored by openai:/rules:).
     """
     if isinstance(what, (ModelChat, OpenAIChat, JudgeChat)):
         return what
@@ -295,7 +298,7 @@ def make_chat_backend(what: Any, *, cache_dir: str | os.PathLike | None = None, 
         raise FileNotFoundError(f"model {s!r}: neither an HF model directory (config.json) nor a training run "
                                 "directory (checkpoints/)")
     chat = ModelChat.load(s if s == "smollm2" else str(p), template=template, dtype=dtype, batch_size=batch_size,
-                          strip_latents=strip_latents)
+                          strip_latents=strip_latents, mesh=mesh)
     if kind == "local":
         chat.name = f"local:{s}"
     return chat

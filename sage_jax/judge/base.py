@@ -290,7 +290,8 @@ def make_judge(spec: str, *, cache_dir: str | os.PathLike | None = None, **optio
 
     ``options`` go to the backend: for ``openai:`` ``timeout``, ``retry`` (a :class:`RetryPolicy`),
     ``max_concurrency``, ``api_key``, ``base_url``, ``system``, ``extra_body``,
-    ``max_tokens_field``; for ``local:`` ``batch_size``. ``rules:`` takes none (and no cache).
+    ``max_tokens_field``; for ``local:`` ``batch_size`` and ``mesh`` (a ``parallel.MeshConfig``: the judge
+    model's layout; ignored by the others). ``rules:`` takes none (and no cache).
     """
     s = parse_spec(spec)
     if s.kind == "rules":
@@ -300,11 +301,11 @@ def make_judge(spec: str, *, cache_dir: str | os.PathLike | None = None, **optio
     if s.kind == "openai":
         from sage_jax.judge.openai_backend import OpenAIJudge
 
-        opts = dict(options)
+        opts = {k: v for k, v in options.items() if k != "mesh"}  # mesh: for local: only
         if s.base_url is not None and opts.get("base_url") is None:
             opts["base_url"] = s.base_url
         return OpenAIJudge(s.model, cache_dir=cache_dir, **opts)
     from sage_jax.judge.local import LocalJudge  # JAX and the model only for local:
 
-    local_opts = {k: v for k, v in options.items() if k in ("batch_size",)}
+    local_opts = {k: v for k, v in options.items() if k in ("batch_size", "mesh")}
     return LocalJudge(s.model, cache_dir=cache_dir, **local_opts)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
-from sage_jax import rollout
+from sage_jax import parallel, rollout
 from sage_jax.judge.base import CachingJudge, Completion
-from sage_jax.model import loader
+from sage_jax.model import loader, param_axes
 
 log = logging.getLogger("sage_jax.judge")
 
@@ -25,7 +25,8 @@ class LocalJudge(CachingJudge):
 
     backend = "local"
 
-    def __init__(self, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, batch_size: int = 16):
+    def __init__(self, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, batch_size: int = 16,
+                 mesh=None):
         super().__init__(cache_dir)
         expanded = os.path.expanduser(str(path))
         if expanded != "smollm2" and not os.path.isdir(expanded):
@@ -34,6 +35,8 @@ class LocalJudge(CachingJudge):
         self.name = f"local:{path}"
         self.batch_size = int(batch_size)
         self.cfg, self.params, self.tokenizer, _ = loader.load(expanded)
+        # mesh (parallel.MeshConfig): lay the judge model out on this process's devices (None: as is)
+        self.params = parallel.place_params(param_axes(self.cfg), self.params, mesh)
 
     def _ids(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sage_jax.model import layers as L
+from sage_jax.parallel import constrain
 from sage_jax.model.config import ModelConfig
 from sage_jax.model.lora import TARGETS, LoRAAdapter, LoraConfig
 from sage_jax.model.lora import apply as lora_apply
@@ -97,6 +98,9 @@ class DecoderLayer(nnx.Module):
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         q, k, v = self.proj("q_proj", h, rng), self.proj("k_proj", h, rng), self.proj("v_proj", h, rng)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))  # no-ops without a mesh in context
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if cfg.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                        v + self.v_bias[...].astype(dt))
@@ -202,7 +206,7 @@ class Decoder(nnx.Module):
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
         kv = None if cache is None else (cache["k"], cache["v"])
         layer_def, layer_state = nnx.split(self.layers)
@@ -243,7 +247,7 @@ class Decoder(nnx.Module):
         out = x @ w.astype(x.dtype)
         if self.cfg.embed_rows != self.cfg.vocab_size:
             out = out[..., : self.cfg.vocab_size]
-        return out
+        return constrain(out, ("batch", "length", "vocab")[:-1][: out.ndim - 1] + ("vocab",))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
                  dropout_rng=None) -> tuple[jax.Array, Cache | None]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sage_jax import parallel
 from sage_jax.model.config import ModelConfig
 from sage_jax.model.lora import LoraConfig, with_adapters
 from sage_jax.model.modules import Cache, Decoder, segment_positions
@@ -32,7 +33,8 @@ __all__ = ["CACHE_AXES", "Cache", "abstract_module", "decoder", "forward", "grap
 def abstract_module(cfg: ModelConfig, lora: LoraConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract state) of `Decoder(cfg, lora)`: shapes, dtypes and axis metadata, no
     arrays allocated (the state's leaves are ShapeDtypeStructs)."""
-    with nnx.use_eager_sharding(False):
+    # No mesh in context (it is cached, and eval_shape would resolve the logical names on a mesh).
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())), nnx.use_eager_sharding(False):
         module = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=nnx.Rngs(0)))
     return nnx.split(module)
 
@@ -54,12 +56,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
     """An empty KV cache: k/v [L, B, S, K, H], per-slot segment ids [B, S], fill level `end` [B]."""
     dt = jnp.dtype(dtype or cfg.dtype)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {
+    cache = {
         "k": jnp.zeros(shape, dt),
         "v": jnp.zeros(shape, dt),
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
         "end": jnp.zeros((batch,), jnp.int32),
     }
+    return parallel.constrain_tree(cache, CACHE_AXES)  # by its logical axes under a mesh; else as is
 
 
 CACHE_AXES = {

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sage_jax import model as M
+from sage_jax import parallel
 from sage_jax.model.config import ModelConfig
 from sage_jax.rollout.sampler import _check_prompts, _chunk_segments, _last_logits, bucket, repeat_cache
 
@@ -154,6 +155,7 @@ def _beam_search(
     return st["seq"], st["score"], st["fin"], st["fin_len"], st["run_seq"], st["step"]
 
 
+@parallel.on_params_mesh  # params on a mesh: run sharded, rows padded to the data axes
 def beam_search(
     cfg: ModelConfig,
     params,
@@ -190,7 +192,7 @@ def beam_search(
         raise ValueError("vocabulary too small for this many beams")
 
     n = len(prompts)
-    rows = bucket(n)
+    rows = parallel.pad_rows(bucket(n))
     new_len = bucket(max_new_tokens, 16)
     t_len = bucket(max(len(p) for p in prompts), 16)
     toks = np.zeros((rows, t_len), np.int32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from sage_jax.model import loader
+from sage_jax import parallel
+from sage_jax.model import loader, param_axes
 from sage_jax.model.config import ModelConfig
 
 
@@ -36,8 +37,13 @@ class Policy:
         return self.tokenizer.decode([t for t in tokens if t not in ends], skip_special_tokens=False)
 
 
-def load_policy(path: str, *, template: str | None = None, dtype: str | None = None) -> Policy:
+def load_policy(path: str, *, template: str | None = None, dtype: str | None = None, mesh=None) -> Policy:
     """`smollm2`, an HF directory, or a training run directory (its latest checkpoint, LoRA merged):
-    see :func:`sage_jax.model.loader.load`."""
+    see :func:`sage_jax.model.loader.load`.
+
+    mesh: a `parallel.MeshConfig` (or a Mesh) to lay the parameters out on this process's devices
+    by the rule table; the sampler and beam search then run sharded (None / one device: as is).
+    """
     cfg, params, tokenizer, name = loader.load(path, dtype=dtype)
+    params = parallel.place_params(param_axes(cfg), params, mesh)
     return Policy(cfg, params, tokenizer, template, name)

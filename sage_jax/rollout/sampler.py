@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sage_jax import model as M
+from sage_jax import parallel
 from sage_jax.model.config import ModelConfig
 from sage_jax.rollout.sampling import (
     Processing,
@@ -125,12 +126,18 @@ def _repeat_rows(tree, k: int):
 
 def repeat_cache(cache: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     """Broadcast every row of a KV cache to k consecutive rows (k/v on axis 1, the rest axis 0)."""
-    return {
+    return parallel.constrain_tree({
         "k": jnp.repeat(cache["k"], k, axis=1),
         "v": jnp.repeat(cache["v"], k, axis=1),
         "segment_ids": jnp.repeat(cache["segment_ids"], k, axis=0),
         "end": jnp.repeat(cache["end"], k, axis=0),
-    }
+    }, M.CACHE_AXES)
+
+
+def _rows_on_mesh(state: SamplerState) -> SamplerState:
+    """Every per-row array over the mesh's batch axes (no-op without a mesh; the cache has its own)."""
+    return dataclasses.replace(state, **{f.name: parallel.constrain(getattr(state, f.name), ("batch",))
+                                         for f in dataclasses.fields(state) if f.name not in ("cache", "step")})
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "new_len", "repeat", "presence"))
@@ -162,7 +169,7 @@ def prefill(
         cache = repeat_cache(cache, repeat)
         logits, pres = _repeat_rows((logits, pres), repeat)
     b = p * repeat
-    return SamplerState(
+    return _rows_on_mesh(SamplerState(
         cache=cache,
         logits=logits,
         tokens=jnp.zeros((b, new_len), jnp.int32),
@@ -179,7 +186,7 @@ def prefill(
         top_p=rows["top_p"],
         penalty=rows["penalty"],
         step=jnp.zeros((), jnp.int32),
-    )
+    ))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
@@ -381,6 +388,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int, name: str = "pr
             raise ValueError(f"{name}[{i}] has token ids outside [0, {vocab})")
 
 
+@parallel.on_params_mesh  # params on a mesh: run sharded, rows padded to the data axes
 def generate(
     cfg: ModelConfig,
     params,
@@ -430,7 +438,7 @@ def generate(
         raise ValueError(f"a prompt of {longest} tokens does not fit max_cache_len={cache_len}")
     t_len = min(t_len, cache_len)
 
-    p_rows = bucket(n)
+    p_rows = parallel.pad_rows(bucket(n))
     per_row = [sp for sp in per_prompt for _ in range(k)]
     mx_rows = [m for m in mx for _ in range(k)]
     seeds = list(row_seeds) if row_seeds is not None else list(range(n * k))
@@ -446,6 +454,7 @@ def generate(
     return (gens, state) if return_state else gens
 
 
+@parallel.on_params_mesh
 def generate_branches(
     cfg: ModelConfig,
     params,
@@ -487,7 +496,7 @@ def generate_branches(
         raise ValueError(f"prefix + suffix ({len(prefix) + longest_suffix} tokens) does not fit "
                          f"max_cache_len={cache_len}")
     p_len = min(p_len, cache_len)
-    rows_b = bucket(k)
+    rows_b = parallel.pad_rows(bucket(k))
     seeds = list(row_seeds) if row_seeds is not None else list(range(k))
     rows = _row_settings(cfg, per_row, mx, seeds, seed, rows_b)
     toks, lens = _pad_rows([prefix], 1, p_len)

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Sequence
 
-from sage_jax import rollout
+from sage_jax import parallel, rollout
 from sage_jax.data.jsonl import JsonlWriter
 from sage_jax.data.readers import read_seeds
 from sage_jax.data.sample import sample_path
@@ -48,6 +48,7 @@ from sage_jax.rollout.dialogue_cache import BranchConfig, CacheStats, DialoguePo
 from sage_jax.rollout.policy import Policy, load_policy
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.rollout.selfplay import Episode, user_turns
+from sage_jax.search import shards
 from sage_jax.sac import (DEFAULT_SCHEMA, Dialogue, Latent, dialogue_to_json, get_vocabulary, latent_to_json,
                           parse_assistant_lenient, render_latent)
 
@@ -84,6 +85,9 @@ class SearchConfig:
     batch_seeds: int = 8  # dialogues searched together
     template: str | None = None
     seed: int = 0
+    # This process's devices (default one: unsharded). mesh.data=4 mesh.tensor=2: rows over data,
+    # params by the rule table. Several processes (jax.distributed) split the seeds: see search/shards.py.
+    mesh: parallel.MeshConfig = parallel.SINGLE_DEVICE
 
     def sampling(self, max_new: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -299,31 +303,34 @@ def run_search(cfg: SearchConfig) -> dict:
 
     if cfg.k < 1 or cfg.turns < 1:
         raise ValueError("search: k and turns must be >= 1")
+    parallel.initialize_distributed()  # a no-op on one process
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = read_seeds(_seed_path(cfg.seeds), limit=cfg.num_seeds)
     items = [(f"seed{i:05d}", s) for i, s in enumerate(seeds)]
-    finished = done_ids(out / "trees.jsonl")
+    finished = shards.finished_ids(out)  # trees.jsonl and unmerged per-process shards
     todo = [it for it in items if it[0] not in finished]
     print(f"search: {len(items)} seeds, {len(finished & {i for i, _ in items})} already done, {len(todo)} to go; "
           f"K={cfg.k}, {cfg.turns} turns, judge {cfg.judge}", file=sys.stderr)
     summary = {"seeds": len(items), "skipped_done": len(items) - len(todo), "searched": 0, "pairs": 0,
                "output_dir": str(out)}
     if not todo:
+        shards.finish(out)  # shards a killed multi-process run left behind
         return summary
-    policy = load_policy(cfg.model, template=cfg.template)
-    sim = policy if cfg.user_model in (None, cfg.model) else load_policy(cfg.user_model, template=cfg.template)
-    judge = make_judge(cfg.judge, cache_dir=cfg.judge_cache or out / "judge_cache")
+    policy = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
+    sim = (policy if cfg.user_model in (None, cfg.model)
+           else load_policy(cfg.user_model, template=cfg.template, mesh=cfg.mesh))
+    judge = make_judge(cfg.judge, cache_dir=cfg.judge_cache or out / "judge_cache", mesh=cfg.mesh)
     (out / "trees").mkdir(exist_ok=True)
-    writers = {n: JsonlWriter(out / f"{n}.jsonl") for n in ("trajectories", "sft", "pairs", "trees")}
-    bar = progress(len(todo), "search", unit="dialogue", show=jax.process_index() == 0)
+    writers = {n: JsonlWriter(out / shards.file_name(n)) for n in ("trajectories", "sft", "pairs", "trees")}
+    mine = shards.my_batches(todo, cfg.batch_seeds)  # this process's batches (all of them on one)
+    bar = progress(sum(len(bt) for _, bt in mine), "search", unit="dialogue", show=jax.process_index() == 0)
     stats = CacheStats()
     pools = make_pools(policy, sim, cfg, stats) if (cfg.cache or cfg.branching == "latent") else None
     compiles = CompileCounter().__enter__()
     actions = []
     try:
-        for b in range(0, len(todo), cfg.batch_seeds):
-            batch = todo[b: b + cfg.batch_seeds]
+        for b, batch in mine:
             for r in search_batch(policy, sim, judge, batch, cfg, seed=cfg.seed + b, pools=pools):
                 actions += [n["distinct_actions"] for n in r["nodes"]]
                 d = dialogue_to_json(r["dialogue"])
@@ -347,4 +354,5 @@ def run_search(cfg: SearchConfig) -> dict:
     print(f"search: {compiles} (programs compiled, seconds); cache: {stats.prefill_tokens} tokens prefilled, "
           f"{stats.reused_tokens} reused, {stats.rewinds} rewinds; mean distinct actions per node "
           f"{summary['distinct_actions_mean']}", file=sys.stderr)
+    shards.finish(out)  # several processes: wait for all, process 0 merges the shards
     return summary

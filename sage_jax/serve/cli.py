@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from sage_jax import parallel
+
 __all__ = ["register", "ServeConfig", "serve"]
 
 
@@ -19,6 +21,9 @@ class ServeConfig:
     max_tokens: int = 256  # default max_tokens of a request
     template: str | None = None  # chat template name (default: the tokenizer's)
     verbose: bool = False  # log every HTTP request
+    # Layout on this process's devices (default one device); e.g. mesh.data=4 mesh.tensor=2: batched
+    # requests' rows over data, params by the rule table.
+    mesh: parallel.MeshConfig = parallel.SINGLE_DEVICE
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -30,7 +35,7 @@ def serve(cfg: ServeConfig) -> int:
 
     if not cfg.model:
         raise ValueError("serve: --model is required (model=smollm2, an HF directory or a run directory)")
-    policy = load_policy(cfg.model, template=cfg.template)
+    policy = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
     srv = make_server(policy, cfg.host, cfg.port, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                       default_max_tokens=cfg.max_tokens, verbose=cfg.verbose)
     stop = threading.Event()

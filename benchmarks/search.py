@@ -65,9 +65,9 @@ def cost(args) -> None:
             turn(0)  # compile
             t = statistics.median(turn(r + 1) for r in range(args.repeats))
             rows.append((k, t / args.seeds, t))
-            print(f"  measured K={k}", flush=True)
+            print(f"  measured K={k}: {t:.2f} s per batch turn", flush=True)
     base = rows[0][1]
-    print(f"\nSmolLM2-135M-Instruct, {args.seeds} dialogues per batch, branching={args.branching}, up to "
+    print(f"\n{args.model}, {args.seeds} dialogues per batch, branching={args.branching}, up to "
           f"{args.max_new_tokens} new tokens per child, paper sampling, median of {args.repeats}\n")
     print("| K | s per assistant turn (per dialogue) | s per batch turn | ratio to K=1 | children per second |")
     print("|---|---|---|---|---|")
@@ -94,7 +94,7 @@ def turns(args) -> None:
     for t in range(args.turns):
         full.append(sum(len(policy.encode_chat(r["assistant_view"][:3 + 2 * t])) for r in results
                         if len(r["assistant_view"]) > 3 + 2 * t))
-    print(f"\nSmolLM2-135M-Instruct, {args.seeds} dialogues, K={args.k}, branching={args.branching}, "
+    print(f"\n{args.model}, {args.seeds} dialogues, K={args.k}, branching={args.branching}, "
           f"{args.turns} turns, up to {args.max_new_tokens}/{args.user_max_new_tokens} new tokens "
           f"(assistant/user), cache length {cache_len(cfg)}\n")
     print("| turn | dialogues | tokens prefilled (both sides) | assistant prompt tokens (full re-prefill) | "

@@ -34,12 +34,15 @@ def test_greedy_equals_our_sampler_with_vllm_sampling_extensions(pol, srv):
     got = ep.chat(convs, sp, n=1)
     want = generate(pol.cfg, pol.params, [pol.encode_chat(c) for c in convs], sp)
     assert [g[0].content for g in got] == [pol.decode(w.tokens) for w in want]
-    # the penalty changes our greedy answers, so matching them shows it reached the server
-    plain_want = generate(pol.cfg, pol.params, [pol.encode_chat(c) for c in convs],
-                          SamplingParams(temperature=0.0, max_new_tokens=16))
-    assert [w.tokens for w in plain_want] != [w.tokens for w in want]
-    plain = ep.chat(convs, SamplingParams(temperature=0.0, max_new_tokens=16), n=1)
-    assert [g[0].content for g in plain] == [pol.decode(w.tokens) for w in plain_want]
+    # top_k reaches the server: temperature 1 with top_k=1 is greedy there too, while plain
+    # temperature-1 sampling of this random model is not (checked on our sampler first)
+    greedy = generate(pol.cfg, pol.params, [pol.encode_chat(c) for c in convs],
+                      SamplingParams(temperature=0.0, max_new_tokens=16))
+    hot = generate(pol.cfg, pol.params, [pol.encode_chat(c) for c in convs],
+                   SamplingParams(temperature=1.0, max_new_tokens=16), seed=3)
+    assert [g.tokens for g in hot] != [g.tokens for g in greedy]
+    top1 = ep.chat(convs, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16), n=1, seed=3)
+    assert [g[0].content for g in top1] == [pol.decode(w.tokens) for w in greedy]
 
 
 def test_n_samples_per_conversation_and_seeded(srv):

@@ -105,3 +105,30 @@ def test_compare_consensus_arithmetic_on_hand_made_verdicts(tmp_path):
     assert s["total"] == 6 and s["wins_a"] + s["wins_b"] + s["no_consensus"] == 6
     rows = (tmp_path / "cmp" / "per_seed.tsv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("id\toutcome")
+
+
+def test_pair_sides_never_half_annotated():
+    """A candidate whose latent prefix parsed only halfway (a state, no action) becomes a pair side
+    with neither latent and the prefix stripped, so DPO can read every pair the search writes."""
+    from sage_jax.data.pairs import pair_from_json
+    from sage_jax.sac import SACFormatError, to_messages
+    from sage_jax.search.tree import _latent_json, _latents, _pair_side
+
+    def cand(content):
+        st, act, reply = _latents(content)
+        return {"content": content, "reply": reply, "state": _latent_json(st), "action": _latent_json(act)}
+
+    full = cand("{u_motivation: venting, u_emotion: sad, u_topic: [work]} "
+                "{a_motivation: empathy, a_emotion: caring, a_topic: [work]} That sounds hard.")
+    half = cand("{u_motivation: venting, u_emotion: sad, u_topic: [work]} I see.")
+    assert full["state"] and full["action"] and half["state"] and half["action"] is None
+    side = _pair_side(half)
+    assert side["state"] is None and side["action"] is None and "u_motivation" not in side["text"]
+    assert _pair_side(full) == {"text": "That sounds hard.", "state": full["state"], "action": full["action"]}
+    history = [{"role": "user", "text": "My boss yelled at me."}]
+    pair = pair_from_json({"id": "p", "history": history, "chosen": _pair_side(full), "rejected": side})
+    to_messages(pair.chosen), to_messages(pair.rejected)  # what DPO renders: fine
+    bad = pair_from_json({"id": "p", "history": history, "chosen": _pair_side(full),
+                          "rejected": {"text": "x", "state": half["state"], "action": None}})
+    with pytest.raises(SACFormatError, match="half-annotated"):  # what the search wrote before
+        to_messages(bad.rejected)

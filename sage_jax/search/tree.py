@@ -50,7 +50,7 @@ from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.rollout.selfplay import Episode, user_turns
 from sage_jax.search import shards
 from sage_jax.sac import (DEFAULT_SCHEMA, Dialogue, Latent, dialogue_to_json, get_vocabulary, latent_to_json,
-                          parse_assistant_lenient, render_latent)
+                          parse_assistant_lenient, render_latent, strip_latents)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,14 @@ class SearchConfig:
 def _latents(content: str):
     p = parse_assistant_lenient(content, DEFAULT_SCHEMA)
     return p.state, p.action, p.reply.strip()
+
+
+def _pair_side(c: dict) -> dict:
+    """A candidate as one side of a preference pair: a half-parsed latent prefix (a state without
+    an action, or the reverse) keeps neither, as in the dialogue itself (SAC needs both)."""
+    if c["state"] is None or c["action"] is None:
+        return {"text": strip_latents(c["content"], DEFAULT_SCHEMA).strip(), "state": None, "action": None}
+    return {"text": c["reply"], "state": c["state"], "action": c["action"]}
 
 
 def _latent_json(lat):
@@ -251,10 +259,7 @@ def _search_turns(policy, sim, judge, episodes, nodes, pairs, rng, cfg: SearchCo
             for j in rng.sample(others, min(cfg.negatives_per_turn, len(others))):
                 hist_json = dialogue_to_json(Dialogue(e.id, tuple(history)))["turns"]
                 pairs[e.id].append({"id": f"{e.id}:t{turn}:r{j}", "history": hist_json,
-                                    "chosen": {"text": cs[index]["reply"], "state": cs[index]["state"],
-                                               "action": cs[index]["action"]},
-                                    "rejected": {"text": cs[j]["reply"], "state": cs[j]["state"],
-                                                 "action": cs[j]["action"]},
+                                    "chosen": _pair_side(cs[index]), "rejected": _pair_side(cs[j]),
                                     "meta": {"judge": None if sel is None else sel.judge,
                                              "verdict": None if sel is None else sel.verdict.kind}})
             e.add_assistant(cs[index]["content"])

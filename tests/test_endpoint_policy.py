@@ -5,21 +5,7 @@ import pytest
 
 from sage_jax.rollout import SamplingParams, generate
 from sage_jax.rollout.endpoint import EndpointPolicy, is_endpoint_spec, parse_endpoint_spec
-from sage_jax.serve import make_server
-
-
-@pytest.fixture(scope="module")
-def pol(tiny_dir):
-    from sage_jax.rollout.policy import load_policy
-
-    return load_policy(str(tiny_dir))
-
-
-@pytest.fixture(scope="module")
-def srv(pol):
-    s = make_server(pol, "127.0.0.1", 0, max_batch=16, max_queue=64).start()
-    yield s
-    s.close()
+from test_serve import pol, srv  # noqa: F401 (fixtures: the tiny policy and its loopback server)
 
 
 def _conv(text):

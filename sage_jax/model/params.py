@@ -35,19 +35,15 @@ def _pure(tree) -> Params:
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
-def _axes(spec) -> tuple:
-    return tuple(spec)
-
-
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple)
+def _axis_names(state: nnx.State) -> Params:
+    """The logical axis names of every variable in `state`, as tuples (from its sharding metadata)."""
+    return jax.tree.map(tuple, _pure(nnx.get_partition_spec(state)), is_leaf=lambda x: isinstance(x, P))
 
 
 def param_axes(cfg: ModelConfig) -> Params:
     """Logical axis names of every parameter (same tree as the params), read from the modules'
     `nnx.Param` sharding metadata (stacked layers lead with `layers`)."""
-    _, state = abstract_module(cfg)
-    return jax.tree.map(_axes, _pure(nnx.get_partition_spec(state)), is_leaf=lambda x: isinstance(x, P))
+    return _axis_names(abstract_module(cfg)[1])
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -58,20 +54,14 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 def lora_axes(cfg: ModelConfig, lora: LoraConfig) -> Params:
     """Logical axis names of the LoRA adapters (the `nnx.LoRAParam` part of the module state)."""
-    _, state = abstract_module(cfg, lora)
-    specs = nnx.get_partition_spec(nnx.filter_state(state, nnx.LoRAParam))
-    return jax.tree.map(_axes, _pure(specs), is_leaf=lambda x: isinstance(x, P))
-
-
-def _init_state(cfg: ModelConfig, lora: LoraConfig | None, key: jax.Array, std: float) -> nnx.State:
-    with nnx.use_eager_sharding(False):
-        return nnx.state(Decoder(cfg, lora, std=std, rngs=nnx.Rngs(params=key)))
+    return _axis_names(nnx.filter_state(abstract_module(cfg, lora)[1], nnx.LoRAParam))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     """Random init (normal(std) kernels, unit norms, zero biases), in cfg.param_dtype: the state
     of a freshly built `Decoder`."""
-    return nnx.to_pure_dict(_init_state(cfg, None, key, std))
+    with nnx.use_eager_sharding(False):
+        return nnx.to_pure_dict(nnx.state(Decoder(cfg, std=std, rngs=nnx.Rngs(params=key))))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

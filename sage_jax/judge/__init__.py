@@ -26,14 +26,14 @@ from sage_jax.judge.prompts import (COMPANION_RUBRIC, HUMOUR_RUBRIC, PAIRWISE_RU
                                     best_of_k_prompt, pairwise_prompt, parse_prompt)
 from sage_jax.judge.rules import RulesJudge, score_reply
 from sage_jax.judge.verdicts import (PairResult, Selection, Verdict, compare_dialogues, compare_with_swap,
-                                     parse_best_of_k, parse_pairwise, select_best, selection_summary)
+                                     parse_best_of_k, parse_pairwise, rank_top, select_best, selection_summary)
 
 __all__ = [
     "Completion", "Judge", "JudgeStats", "JudgeSpec", "JudgeConfig", "RetryPolicy", "CompletionCache",
     "CachingJudge", "make_judge", "parse_spec", "redact", "default_cache_dir",
     "RulesJudge", "score_reply", "COMPANION_RUBRIC", "HUMOUR_RUBRIC", "PAIRWISE_RUBRIC", "best_of_k_prompt",
     "pairwise_prompt", "annotation_prompt", "parse_prompt", "Verdict", "parse_best_of_k", "parse_pairwise",
-    "Selection", "select_best", "selection_summary", "compare_dialogues", "compare_with_swap", "PairResult",
+    "Selection", "select_best", "rank_top", "selection_summary", "compare_dialogues", "compare_with_swap", "PairResult",
     "AnnotationError", "AnnotationFailure", "parse_annotation", "annotate_dialogues", "iter_annotate",
     "AnnotateReport", "annotate_file",
 ]

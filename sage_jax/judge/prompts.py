@@ -3,7 +3,8 @@
 Three prompt kinds, each a single user message:
 
 * **best of K** (:func:`best_of_k_prompt`): the dialogue so far and K candidate replies for the
-  assistant's next turn; the judge answers only ``Response X is better`` or ``No good one``.
+  assistant's next turn (or K continuations, each a ``### Response X`` section of turns, when a
+  deeper search compares futures); the judge answers only ``Response X is better`` or ``No good one``.
   The companion rubric is SAGE.md §4's; ``humour=True`` uses the humour rubric instead.
 * **pairwise** (:func:`pairwise_prompt`): ``Dialog A`` and ``Dialog B``; the judge answers only
   ``Dialog X is better`` (rubric of SAGE.md §6: sounds like a real human).
@@ -50,6 +51,7 @@ PAIRWISE_RUBRIC = (
 # Section titles (column 0, after "### ").
 _DIALOGUE = "Dialogue so far"
 _CANDIDATES = "Candidate responses"
+_RESPONSE_SECTION = "Response"  # "### Response 3": one candidate continuation
 _ANSWER = "Answer"
 _TO_ANNOTATE = "Dialogue to annotate"
 _EXAMPLE = "Example dialogue"
@@ -116,23 +118,38 @@ def _turn_lines(turns: Sequence[tuple[str, str]], numbered: bool = False) -> lis
 
 
 # ---------------------------------------------------------------- builders
-def best_of_k_prompt(context: Context, candidates: Sequence[str], *, humour: bool = False,
+def best_of_k_prompt(context: Context, candidates: Sequence[str | Context], *, humour: bool = False,
                      schema: Schema = DEFAULT_SCHEMA) -> str:
-    """The selector prompt of SAGE.md §4: dialogue so far + K candidates; answer ``Response X is better``."""
+    """The selector prompt of SAGE.md §4: dialogue so far + K candidates; answer ``Response X is better``.
+
+    A candidate is the assistant's next message (a string) or, for a deeper search (lookahead,
+    beams that diverged earlier), a continuation of the dialogue so far: turns that start with
+    the assistant's (a context, see :func:`as_turns`). With any continuation among them, each
+    candidate is its own section ``### Response X`` of turns, so the judge compares whole futures."""
     if len(candidates) < 1:
         raise ValueError("best_of_k_prompt needs at least one candidate")
     turns = as_turns(context, schema)
+    futures = not all(isinstance(c, str) for c in candidates)
     intro = (["You are judging how funny a chatbot's reply is.", HUMOUR_RUBRIC] if humour else
              ["You are judging the replies of a companion chatbot.", COMPANION_RUBRIC])
-    lines = [" ".join(intro),
-             "Read the dialogue so far and the candidate responses for the chatbot's next turn, then pick the "
-             "best response.", "", f"### {_DIALOGUE}"]
+    what = ("candidate continuations of it (the chatbot's next turn and what followed), then pick the best "
+            "continuation." if futures else
+            "the candidate responses for the chatbot's next turn, then pick the best response.")
+    lines = [" ".join(intro), f"Read the dialogue so far and {what}", "", f"### {_DIALOGUE}"]
     lines += _turn_lines(turns) if turns else ["(the chatbot speaks first)"]
-    lines += ["", f"### {_CANDIDATES}"]
-    lines += [f"Response {i}: {encode_text(_clean_assistant(c, schema))}" for i, c in enumerate(candidates, 1)]
+    if futures:
+        for i, c in enumerate(candidates, 1):
+            cont = as_turns([("assistant", c)] if isinstance(c, str) else c, schema)
+            if not cont or cont[0][0] != "assistant":
+                raise ValueError(f"candidate {i}: a continuation starts with the assistant's turn")
+            lines += ["", f"### {_RESPONSE_SECTION} {i}", *_turn_lines(cont)]
+    else:
+        lines += ["", f"### {_CANDIDATES}"]
+        lines += [f"Response {i}: {encode_text(_clean_assistant(c, schema))}" for i, c in enumerate(candidates, 1)]
+    best = "continuation" if futures else "response"
     lines += ["", f"### {_ANSWER}",
               f'Answer only "Response X is better", where X is the number (1 to {len(candidates)}) of the best '
-              'response, or "No good one" if none of them is acceptable.']
+              f'{best}, or "No good one" if none of them is acceptable.']
     return "\n".join(lines)
 
 
@@ -211,8 +228,9 @@ def annotation_prompt(dialogue: Context, *, schema: Schema = DEFAULT_SCHEMA, exa
 @dataclass(frozen=True)
 class BestOfKPrompt:
     turns: tuple[tuple[str, str], ...]
-    candidates: tuple[str, ...]
+    candidates: tuple[str, ...]  # each candidate's first (assistant) turn
     humour: bool
+    continuations: tuple[tuple[tuple[str, str], ...], ...] | None = None  # whole futures, when compared
 
 
 @dataclass(frozen=True)
@@ -280,6 +298,15 @@ def parse_prompt(text: str) -> BestOfKPrompt | PairwisePrompt | AnnotationPrompt
             return None
         cands = tuple(decode_text(m.group(2), more) for m, more in items)
         return BestOfKPrompt(turns, cands, humour=pre.startswith("You are judging how funny"))
+    futures = sorted((int(m.group(1)), t) for t in sec if (m := re.fullmatch(_RESPONSE_SECTION + r" (\d+)", t)))
+    if _DIALOGUE in sec and futures:
+        turns = _turn_items(sec[_DIALOGUE], numbered=False)
+        conts = tuple(_turn_items(sec[t], numbered=False) for _, t in futures)
+        if (turns is None or [n for n, _ in futures] != list(range(1, len(futures) + 1))
+                or any(not c or c[0][0] != "assistant" for c in conts)):
+            return None
+        return BestOfKPrompt(turns, tuple(c[0][1] for c in conts), humour=pre.startswith("You are judging how funny"),
+                             continuations=conts)
     if "Dialog A" in sec and "Dialog B" in sec:
         a, b = _turn_items(sec["Dialog A"], False), _turn_items(sec["Dialog B"], False)
         return None if a is None or b is None else PairwisePrompt(a, b)

@@ -8,7 +8,9 @@ judge's. It ignores temperature and seed: the same prompt always gets the same a
 
 **Best of K** (``Response X is better`` / ``No good one``): each candidate gets the score
 :func:`score_reply` against the user's last message; the highest wins, ties go to the lower
-number; if even the best scores below :data:`NO_GOOD_BELOW` the answer is ``No good one``.
+number; if even the best scores below :data:`NO_GOOD_BELOW` the answer is ``No good one``. A
+candidate that is a whole continuation (lookahead, beams) scores the mean of its assistant turns,
+each against the user turn before it.
 :func:`score_reply` adds up (weights in :data:`WEIGHTS`):
 
 * ``question``: +1 if the reply ends its turn with a question (keeps the dialogue going);
@@ -124,9 +126,23 @@ def _last_user(turns) -> str:
     return next((text for role, text in reversed(turns) if role == "user"), "")
 
 
+def _continuation_score(turns, user: str, humour: bool) -> float:
+    """Mean score of a continuation's assistant turns, each against the user turn before it."""
+    scores = []
+    for role, text in turns:
+        if role == "user":
+            user = text
+        else:
+            scores.append(score_reply(text, user, humour=humour).total)
+    return sum(scores) / len(scores)
+
+
 def _best_of_k(p: BestOfKPrompt) -> str:
     user = _last_user(p.turns)
-    scores = [score_reply(c, user, humour=p.humour).total for c in p.candidates]
+    if p.continuations is not None:
+        scores = [_continuation_score(c, user, p.humour) for c in p.continuations]
+    else:
+        scores = [score_reply(c, user, humour=p.humour).total for c in p.candidates]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     if scores[best] < NO_GOOD_BELOW:
         return "No good one"

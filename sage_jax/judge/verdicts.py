@@ -29,7 +29,7 @@ from typing import Any, Literal
 from sage_jax.judge.base import Judge
 from sage_jax.judge.prompts import Context, best_of_k_prompt, pairwise_prompt
 
-__all__ = ["Verdict", "parse_best_of_k", "parse_pairwise", "Selection", "select_best", "selection_summary",
+__all__ = ["Verdict", "parse_best_of_k", "parse_pairwise", "Selection", "select_best", "rank_top", "selection_summary",
            "PairResult", "compare_dialogues", "compare_with_swap"]
 
 
@@ -220,6 +220,35 @@ def select_best(judge: Judge, contexts: Sequence[Context], candidates_per_contex
                                 max_tokens=max_tokens, seed=seed)
     return [Selection(v.index if v.kind == "choice" else None, v, k, used, failed, judge.name, raw, errs)
             for k, (v, used, failed, raw, errs) in zip(ks, outcome)]
+
+
+def rank_top(judge: Judge, contexts: Sequence[Context], candidates_per_context: Sequence[Sequence[Any]], top: int, *,
+             tries: int = 5, humour: bool = False, seed: int = 0) -> list[tuple[list[int], list[Selection]]]:
+    """The ``top`` best candidates of each context, best first, for a beam search: round r asks
+    the best-of-K question again over the candidates not yet picked (all contexts batched), so any
+    best-of-K judge ranks. Per context: (picked indices, the :class:`Selection` of every round,
+    its ``index`` relative to that round's remaining candidates). A round without a verdict ends
+    the ranking: after round 1 that leaves nothing picked (the judge found no candidate acceptable,
+    or could not say: the caller resamples), after a later one fewer beams survive."""
+    picked: list[list[int]] = [[] for _ in contexts]
+    rounds: list[list[Selection]] = [[] for _ in contexts]
+    open_ = [i for i, c in enumerate(candidates_per_context) if len(c) > 0]
+    for r in range(top):
+        rest = {i: [j for j in range(len(candidates_per_context[i])) if j not in picked[i]] for i in open_}
+        open_ = [i for i in open_ if rest[i]]
+        if not open_:
+            break
+        sels = select_best(judge, [contexts[i] for i in open_],
+                           [[candidates_per_context[i][j] for j in rest[i]] for i in open_],
+                           tries=tries, humour=humour, seed=seed + 7919 * r)
+        still = []
+        for i, sel in zip(open_, sels):
+            rounds[i].append(sel)
+            if sel.index is not None:
+                picked[i].append(rest[i][sel.index])
+                still.append(i)
+        open_ = still
+    return list(zip(picked, rounds))
 
 
 def selection_summary(selections: Sequence[Selection]) -> dict[str, int]:

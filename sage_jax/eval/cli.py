@@ -1,4 +1,5 @@
-"""`sage-jax eval {eq-bench, mt-bench, latent}`: benchmarks and latent-prediction accuracy.
+"""`sage-jax eval {eq-bench, mt-bench, latent, perplexity}`: benchmarks, latent-prediction accuracy,
+held-out plain-text perplexity.
 
 Wire into ``sage_jax/cli.py`` with ``register(sub)``; every command is a config dataclass (YAML
 ``--config``, ``key=value`` overrides, ``--print-config``; the flags are shorthands for its fields)
@@ -17,8 +18,8 @@ from typing import Literal
 
 from sage_jax import parallel
 
-__all__ = ["register", "EQBenchRunConfig", "MTBenchRunConfig", "LatentRunConfig", "eq_bench_command",
-           "mt_bench_command", "latent_command"]
+__all__ = ["register", "EQBenchRunConfig", "MTBenchRunConfig", "LatentRunConfig", "PerplexityRunConfig",
+           "eq_bench_command", "mt_bench_command", "latent_command", "perplexity_command"]
 
 _MODEL_HELP = ("smollm2 | an HF model directory | a training run directory (its latest checkpoint) | "
                "a judge spec openai:MODEL[@URL] | local:DIR | rules:")
@@ -161,6 +162,7 @@ class LatentRunConfig(_Common):
     generate: bool = True  # the generation-based measure
     output: str | None = None  # per-turn JSONL of the generated measure
     summary: str | None = None  # write the full result as JSON
+    train_data: tuple[str, ...] = ()  # the model's training SAC JSONL(s): adds each field's majority-class baseline
 
 
 def latent_command(cfg: LatentRunConfig) -> int:
@@ -178,10 +180,62 @@ def latent_command(cfg: LatentRunConfig) -> int:
         from sage_jax.rollout.policy import load_policy
 
         model = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
-    res = evaluate_latents(model, cfg.data, ev, output=cfg.output)
+    res = evaluate_latents(model, cfg.data, ev, output=cfg.output, train=list(cfg.train_data) or None)
     print(format_latent_summary(res))
     if cfg.summary:
         Path(cfg.summary).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------- perplexity
+@dataclasses.dataclass(frozen=True)
+class PerplexityRunConfig:
+    """`sage-jax eval perplexity`: held-out plain-text perplexity (replies without latents) vs a base model."""
+
+    data: tuple[str, ...] = ()  # held-out SAC JSONL file(s) (required)
+    base: str | None = None  # the base model (smollm2 | HF dir | run dir); ratios are model / base
+    models: tuple[str, ...] = ()  # models compared with base: SPEC or NAME=SPEC
+    max_dialogues: int | None = None  # the first N dialogues (all files together)
+    seq_len: int = 1024  # row length; a longer dialogue loses its last turns (whole exchanges)
+    batch_rows: int = 8  # rows per forward pass
+    include_system: bool = True  # a dialogue's own system message (if any) stays in the context
+    template: str | None = None  # chat template name or jinja (default: each model's own)
+    dtype: str | None = None  # compute dtype override (e.g. float32)
+    output: str | None = None  # write the result as JSON
+    progress: bool = True
+    mesh: parallel.MeshConfig = parallel.SINGLE_DEVICE  # layout of each model on this process's devices
+
+
+def _named_models(specs) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for s in specs:
+        name, eq, spec = str(s).partition("=")
+        if not eq or not name or "/" in name or ":" in name:
+            name, spec = Path(str(s).rstrip("/")).name or str(s), str(s)
+        if name in out:
+            raise ValueError(f"eval perplexity: two models named {name!r}; name them NAME=SPEC")
+        out[name] = spec
+    return out
+
+
+def perplexity_command(cfg: PerplexityRunConfig) -> int:
+    from sage_jax.eval.perplexity import PerplexityConfig, format_perplexity, perplexity, perplexity_ratios
+
+    if not cfg.data:
+        raise ValueError("eval perplexity: --data SAC.jsonl is required (data=[FILE,...])")
+    if not cfg.base and not cfg.models:
+        raise ValueError("eval perplexity: give base=MODEL and/or models=[SPEC or NAME=SPEC, ...]")
+    pc = PerplexityConfig(seq_len=cfg.seq_len, batch_rows=cfg.batch_rows, max_dialogues=cfg.max_dialogues,
+                          include_system=cfg.include_system, template=cfg.template, dtype=cfg.dtype,
+                          progress=_progress(cfg), mesh=cfg.mesh)
+    files = list(cfg.data)
+    if cfg.base:
+        res = perplexity_ratios(_named_models(cfg.models), cfg.base, files, pc)
+    else:
+        res = {"base": None, "models": {n: perplexity(s, files, pc) for n, s in _named_models(cfg.models).items()}}
+    print(format_perplexity(res))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -193,7 +247,7 @@ _COMMON = {"--batch-size": "batch_size N", "--template": "template NAME", "--see
 def register(subparsers) -> argparse.ArgumentParser:
     from sage_jax.config import add_config_command
 
-    ev = subparsers.add_parser("eval", help="evaluate: EQ-Bench v2, MT-Bench, latent-prediction accuracy",
+    ev = subparsers.add_parser("eval", help="evaluate: EQ-Bench v2, MT-Bench, latent-prediction accuracy, perplexity",
                                description="Benchmarks and SAGE latent-prediction accuracy (see sage_jax/eval).")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -230,5 +284,16 @@ def register(subparsers) -> argparse.ArgumentParser:
                "--max-turns": "max_turns N", "--seq-len": "seq_len N", "--batch-rows": "batch_rows N",
                "--max-new-tokens": "max_new_tokens N", "--latent-tokens": "latent_tokens {auto,yes,no}",
                "--no-teacher-forced": "!teacher_forced", "--no-generate": "!generate",
-               "-o --output": "output OUT.jsonl", "--summary": "summary PATH", **_COMMON})
+               "-o --output": "output OUT.jsonl", "--summary": "summary PATH",
+               "--train-data": "train_data* SAC.jsonl", **_COMMON})
+    add_config_command(
+        sub, "perplexity", "sage_jax.eval.cli:PerplexityRunConfig:perplexity_command",
+        help="held-out plain-text perplexity of models (replies, no latents) against a base model",
+        description="Perplexity on the assistant replies of held-out SAC dialogues rendered as plain chat (latents "
+                    "stripped from the whole context; loss on reply tokens and their end-of-turn). Each model in "
+                    "models (SPEC or NAME=SPEC) is compared with base (ratio of perplexities). model: " + _MODEL_HELP,
+        example="base=smollm2 models=[m1=runs/m1,dpo=runs/dpo] max_dialogues=100 --data data/test.jsonl",
+        flags={"--data": "data* SAC.jsonl", "--base": "base MODEL", "--model": "models* MODEL",
+               "--max-dialogues": "max_dialogues N", "--seq-len": "seq_len N", "--batch-rows": "batch_rows N",
+               "--template": "template NAME", "-o --output": "output OUT.json", "--no-progress": "!progress"})
     return ev

@@ -18,7 +18,13 @@ Two measures:
   normalising case and whitespace (a reference null matches a predicted null or a field missing
   from a block that is there); ``u_topic`` / ``a_topic`` by the Jaccard overlap of the normalised
   sets (1.0 when both are empty), with the exact-set rate alongside. When a whole block (state or
-  action) is missing, every field of it scores 0, null references included.
+  action) is missing, every field of it scores 0, null references included. ``parse_rate`` is the
+  fraction of generated turns whose prefix gave both a state and an action.
+* **majority baseline** (:func:`majority_values`, :func:`majority_baseline`): given the *training*
+  dialogues (``train=``), each field's most frequent normalised value in their latents (null is a
+  value; for topics, the most frequent topic set), predicted for every evaluated turn and scored
+  with the same metric; reported per field next to the model's score as ``majority_baseline`` and
+  ``majority_value``.
 
 Bounded by ``max_dialogues`` and ``max_turns`` (assistant turns per dialogue).
 """
@@ -36,7 +42,8 @@ from typing import Any
 
 __all__ = ["LatentEvalConfig", "SCALAR_FIELDS", "TOPIC_FIELDS", "normalise_label", "topic_set", "jaccard",
            "compare_fields", "teacher_forced_accuracy", "generated_field_accuracy", "evaluate_latents",
-           "format_latent_summary", "uses_latent_tokens"]
+           "format_latent_summary", "uses_latent_tokens", "majority_values", "majority_baseline",
+           "load_dialogues"]
 
 SCALAR_FIELDS = ("u_motivation", "u_emotion", "a_motivation", "a_emotion")
 TOPIC_FIELDS = ("u_topic", "a_topic")
@@ -145,22 +152,70 @@ def teacher_forced_accuracy(policy, dialogues, *, seq_len: int = 1024, batch_row
     return res
 
 
-# ---------------------------------------------------------------- generated
-def generated_field_accuracy(chat, dialogues, *, max_turns: int | None = None, max_new_tokens: int = 64,
-                             latent_tokens: bool = False, seed: int = 0, output: str | os.PathLike | None = None,
-                             progress: bool | None = None) -> dict:
-    """Per-field accuracy of greedily generated latent prefixes (see the module docstring).
+# ---------------------------------------------------------------- majority baseline
+def _read_dialogues(data: Any, what: str) -> list:
+    """Dialogues from a SAC JSONL path, a sequence of paths, or a sequence of Dialogues."""
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    data = list(data)
+    if not data or not all(isinstance(x, (str, os.PathLike)) for x in data):
+        return data
+    from sage_jax.data.jsonl import read_sac
 
-    ``chat``: a :class:`~sage_jax.eval.generation.ModelChat` (needs the raw text, latents included).
-    ``output``: optional per-turn JSONL (dialogue id, turn, generated text, parsed and reference latents,
-    field scores), rewritten each call.
-    """
-    from sage_jax.progress import progress as progress_bar
+    out = []
+    for f in data:
+        p = Path(f)
+        if not p.exists():
+            raise FileNotFoundError(f"latent eval: {what} file {p} not found")
+        dialogues, report = read_sac(p, strict=False)
+        if report.skipped:
+            shown = "; ".join(str(e) for e in report.errors[:3])
+            print(f"{p}: skipped {report.skipped} malformed record(s): {shown}", file=sys.stderr)
+        out.extend(dialogues)
+    if not out:
+        raise ValueError(f"{', '.join(map(str, data))}: no valid SAC dialogues ({what})")
+    return out
 
-    from sage_jax.sac import DEFAULT_SCHEMA, parse_assistant_lenient, to_messages
-    from sage_jax.sac.dialogue import latent_to_json
 
-    from sage_jax.sac import SACError
+load_dialogues = _read_dialogues
+
+
+def majority_values(train_dialogues: Sequence) -> dict:
+    """Each field's most frequent normalised value over the annotated exchanges (a user state
+    answered by an assistant action) of the training dialogues: ``{"values": {field: value},
+    "counts": {field: count of that value}, "exchanges": n}``. A null is a value like any other;
+    a topic field's value is a topic set (a sorted list). Ties go to the smallest value (null first)."""
+    from collections import Counter
+
+    counters = {k: Counter() for k in (*SCALAR_FIELDS, *TOPIC_FIELDS)}
+    n = 0
+    for d in train_dialogues:
+        for i in _annotated_turns(d):
+            n += 1
+            for side, lat in (("u", d.turns[i - 1].state), ("a", d.turns[i].action)):
+                counters[f"{side}_motivation"][normalise_label(lat.motivation)] += 1
+                counters[f"{side}_emotion"][normalise_label(lat.emotion)] += 1
+                counters[f"{side}_topic"][tuple(sorted(topic_set(lat.topic)))] += 1
+    values, counts = {}, {}
+    for k, c in counters.items():
+        if not c:
+            values[k], counts[k] = (None if k in SCALAR_FIELDS else []), 0
+            continue
+        v, cnt = min(c.items(), key=lambda kv: (-kv[1], "" if kv[0] is None else "\x01" + str(kv[0])))
+        values[k], counts[k] = (list(v) if k in TOPIC_FIELDS else v), cnt
+    return {"values": values, "counts": counts, "exchanges": n}
+
+
+def _majority_latents(values: dict):
+    from sage_jax.sac import Latent
+
+    return (Latent(values["u_motivation"], values["u_emotion"], tuple(values["u_topic"])),
+            Latent(values["a_motivation"], values["a_emotion"], tuple(values["a_topic"])))
+
+
+def _eval_items(dialogues, max_turns: int | None, latent_tokens: bool) -> tuple[list, int]:
+    """(dialogue, assistant turn index, history messages) of every evaluated turn, and the skipped count."""
+    from sage_jax.sac import DEFAULT_SCHEMA, SACError, to_messages
 
     items, skipped = [], 0
     for d in dialogues:
@@ -175,7 +230,68 @@ def generated_field_accuracy(chat, dialogues, *, max_turns: int | None = None, m
                 skipped += 1
                 continue
             items.append((d, i, msgs))
-    keys = (*SCALAR_FIELDS, *TOPIC_FIELDS, "u_topic_exact", "a_topic_exact")
+    return items, skipped
+
+
+_SCORE_KEYS = (*SCALAR_FIELDS, *TOPIC_FIELDS, "u_topic_exact", "a_topic_exact")
+
+
+def _baseline_sums(values: dict, items) -> dict[str, float]:
+    ps, pa = _majority_latents(values)
+    sums = dict.fromkeys(_SCORE_KEYS, 0.0)
+    for d, i, _ in items:
+        sc = compare_fields(d.turns[i - 1].state, d.turns[i].action, ps, pa)
+        for k in _SCORE_KEYS:
+            sums[k] += sc[k]
+    return sums
+
+
+def _field_table(n: int, sums: dict | None, base: dict | None, majority: dict | None) -> dict:
+    r = lambda x: x / n if n else None  # noqa: E731
+    fields = {}
+    for k in SCALAR_FIELDS:
+        fields[k] = {**({"accuracy": r(sums[k])} if sums is not None else {}), "n": n}
+        if base is not None:
+            fields[k].update(majority_baseline=r(base[k]), majority_value=majority["values"][k])
+    for k in TOPIC_FIELDS:
+        fields[k] = {**({"jaccard": r(sums[k]), "exact": r(sums[f"{k}_exact"])} if sums is not None else {}),
+                     "n": n}
+        if base is not None:
+            fields[k].update(majority_baseline=r(base[k]), majority_baseline_exact=r(base[f"{k}_exact"]),
+                             majority_value=majority["values"][k])
+    return fields
+
+
+def majority_baseline(train: Any, dialogues: Any, *, max_turns: int | None = None) -> dict:
+    """The majority-class baseline alone (no model): the majority values of ``train`` (SAC JSONL
+    path(s) or Dialogues) scored on the evaluated turns of ``dialogues`` (same selection and metric
+    as :func:`generated_field_accuracy`). ``{"turns", "majority", "fields": {field: {"majority_baseline",
+    "majority_value", "n", ...}}}``."""
+    majority = majority_values(_read_dialogues(train, "training"))
+    items, skipped = _eval_items(_read_dialogues(dialogues, "held-out"), max_turns, False)
+    base = _baseline_sums(majority["values"], items)
+    return {"turns": len(items), "skipped": skipped, "majority": majority,
+            "fields": _field_table(len(items), None, base, majority)}
+
+
+# ---------------------------------------------------------------- generated
+def generated_field_accuracy(chat, dialogues, *, max_turns: int | None = None, max_new_tokens: int = 64,
+                             latent_tokens: bool = False, seed: int = 0, output: str | os.PathLike | None = None,
+                             progress: bool | None = None, train: Any = None) -> dict:
+    """Per-field accuracy of greedily generated latent prefixes (see the module docstring).
+
+    ``chat``: a :class:`~sage_jax.eval.generation.ModelChat` (needs the raw text, latents included).
+    ``output``: optional per-turn JSONL (dialogue id, turn, generated text, parsed and reference latents,
+    field scores), rewritten each call. ``train``: the training dialogues (SAC JSONL path(s) or
+    Dialogues): each field then also carries ``majority_baseline`` and ``majority_value``.
+    """
+    from sage_jax.progress import progress as progress_bar
+
+    from sage_jax.sac import DEFAULT_SCHEMA, parse_assistant_lenient
+    from sage_jax.sac.dialogue import latent_to_json
+
+    items, skipped = _eval_items(dialogues, max_turns, latent_tokens)
+    keys = _SCORE_KEYS
     sums = dict.fromkeys(keys, 0.0)
     parsed_ok = blocks_ok = 0
     recs = []
@@ -207,38 +323,38 @@ def generated_field_accuracy(chat, dialogues, *, max_turns: int | None = None, m
         with JsonlWriter(output, append=False) as w:
             w.write_all(recs)
     n = len(items)
-    fields = {}
-    for k in SCALAR_FIELDS:
-        fields[k] = {"accuracy": sums[k] / n if n else None}
-    for k in TOPIC_FIELDS:
-        fields[k] = {"jaccard": sums[k] / n if n else None, "exact": sums[f"{k}_exact"] / n if n else None}
-    return {"turns": n, "skipped": skipped, "dialogues": len({id(d) for d, _, _ in items}), "parse_ok_rate": parsed_ok / n if n else None,
-            "both_blocks_rate": blocks_ok / n if n else None, "fields": fields}
+    majority = base = None
+    if train is not None:
+        majority = majority_values(_read_dialogues(train, "training"))
+        base = _baseline_sums(majority["values"], items)
+    res = {"turns": n, "skipped": skipped, "dialogues": len({id(d) for d, _, _ in items}),
+           "parse_ok_rate": parsed_ok / n if n else None, "both_blocks_rate": blocks_ok / n if n else None,
+           # parse rate: generated turns whose prefix gave both a state and an action
+           "parse_rate": blocks_ok / n if n else None, "parsed_turns": blocks_ok,
+           "fields": _field_table(n, sums, base, majority)}
+    if majority is not None:
+        res["majority"] = majority
+    return res
 
 
 # ---------------------------------------------------------------- the whole evaluation
 def evaluate_latents(model: Any, data: Any, cfg: LatentEvalConfig = LatentEvalConfig(), *,
-                     output: str | os.PathLike | None = None) -> dict:
+                     output: str | os.PathLike | None = None, train: Any = None) -> dict:
     """Both measures for ``model`` (``smollm2`` | HF dir | run dir | a Policy | a ModelChat) on ``data``
-    (a SAC JSONL path or a list of :class:`~sage_jax.sac.Dialogue`)."""
+    (a SAC JSONL path or a list of :class:`~sage_jax.sac.Dialogue`). ``train`` (SAC JSONL path(s) or
+    Dialogues: the model's training data) adds the per-field majority-class baseline."""
     from sage_jax.eval.generation import ModelChat
 
     if isinstance(data, (str, os.PathLike)):
-        from sage_jax.data.jsonl import read_sac
-
         p = Path(data)
         if not p.exists():
             raise FileNotFoundError(f"latent eval: data file {p} not found")
-        dialogues, report = read_sac(p, strict=False)
-        if report.skipped:
-            shown = "; ".join(str(e) for e in report.errors[:3])
-            print(f"{p}: skipped {report.skipped} malformed record(s): {shown}", file=sys.stderr)
-        if not dialogues:
-            raise ValueError(f"{p}: no valid SAC dialogues")
+        dialogues = _read_dialogues(p, "held-out")
     else:
         dialogues = list(data)
     if cfg.max_dialogues is not None:
         dialogues = dialogues[: cfg.max_dialogues]
+    train_dialogues = _read_dialogues(train, "training") if train is not None else None
     if isinstance(model, ModelChat):
         chat = model
     elif hasattr(model, "encode_chat") and hasattr(model, "params"):
@@ -260,7 +376,8 @@ def evaluate_latents(model: Any, data: Any, cfg: LatentEvalConfig = LatentEvalCo
     if cfg.generate:
         res["generated"] = generated_field_accuracy(chat, dialogues, max_turns=cfg.max_turns,
                                                     max_new_tokens=cfg.max_new_tokens, latent_tokens=lt,
-                                                    seed=cfg.seed, output=output, progress=cfg.progress)
+                                                    seed=cfg.seed, output=output, progress=cfg.progress,
+                                                    train=train_dialogues)
     return res
 
 
@@ -273,12 +390,18 @@ def format_latent_summary(res: dict) -> str:
                      f"latent-token acc {f(tf['latent_accuracy'])} ({tf['latent_tokens']} latent tokens)")
     g = res.get("generated")
     if g:
-        lines.append(f"generated ({g['turns']} turns, parse ok {f(g['parse_ok_rate'])}, both blocks "
-                     f"{f(g['both_blocks_rate'])}):")
+        lines.append(f"generated ({g['turns']} turns, parse rate (state and action) {f(g.get('parse_rate'))}, "
+                     f"fully parsed {f(g['parse_ok_rate'])}):")
+        base = "majority_baseline" in g["fields"][SCALAR_FIELDS[0]]
         for k in SCALAR_FIELDS:
-            lines.append(f"  {k:<13} accuracy {f(g['fields'][k]['accuracy'])}")
+            v = g["fields"][k]
+            lines.append(f"  {k:<13} accuracy {f(v['accuracy'])}"
+                         + (f"  majority baseline {f(v['majority_baseline'])} ({v['majority_value']!r})" if base else ""))
         for k in TOPIC_FIELDS:
-            lines.append(f"  {k:<13} jaccard  {f(g['fields'][k]['jaccard'])}  exact {f(g['fields'][k]['exact'])}")
+            v = g["fields"][k]
+            lines.append(f"  {k:<13} jaccard  {f(v['jaccard'])}  exact {f(v['exact'])}"
+                         + (f"  majority baseline {f(v['majority_baseline'])} ({v['majority_value']!r})"
+                            if base else ""))
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ seed=, row_seeds=)``), three implementations:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from sage_jax.judge.base import Completion
+from sage_jax.rollout.budget import DEFAULT_ALLOWANCE, cut_reply
+from sage_jax.sac import DEFAULT_SCHEMA
 
 __all__ = ["ChatBackend", "ChatCompletion", "ModelChat", "OpenAIChat", "JudgeChat", "make_chat_backend",
            "flatten_messages", "Message"]
@@ -99,13 +102,17 @@ def flatten_messages(messages: Sequence[Message]) -> str:
 class ModelChat:
     """A policy (model + tokenizer + chat template) generating with :func:`sage_jax.rollout.generate`."""
 
-    def __init__(self, policy, *, batch_size: int = 16, strip_latents: bool = True, stop_strings: Sequence[str] = ()):
+    def __init__(self, policy, *, batch_size: int = 16, strip_latents: bool = True, stop_strings: Sequence[str] = (),
+                 latent_allowance: int = DEFAULT_ALLOWANCE):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.policy = policy
         self.batch_size = int(batch_size)
         self.strip_latents = strip_latents
         self.stop_strings = tuple(stop_strings)
+        # max_tokens is the reply's budget: a SAC model's latent prefix may take this many more
+        # (rollout.budget); 0 counts the prefix in max_tokens
+        self.latent_allowance = int(latent_allowance)
         self.name = f"model:{policy.name}" if policy.name else "model"
 
     @classmethod
@@ -166,6 +173,7 @@ class ModelChat:
             try:
                 gens = self.generate_ids([prompts[i] for i in ok], [temps[i] for i in ok], int(max_tokens), seed,
                                          [seeds[i] for i in ok])
+                gens = self._reply_budget(ok, gens, prompts, temps, int(max_tokens), seed, seeds)
                 for i, g in zip(ok, gens):
                     raw = self.policy.decode(g.tokens)
                     if g.stop_string is not None and g.text is not None:
@@ -176,6 +184,27 @@ class ModelChat:
                 for i in ok:
                     out[i] = ChatCompletion(None, error=f"generation failed: {type(e).__name__}: {e}")
         return out  # type: ignore[return-value]
+
+    def _reply_budget(self, ok, gens, prompts, temps, max_tokens: int, seed: int, seeds) -> list[Any]:
+        """Rows that ran out of tokens after starting a latent prefix are generated again with
+        `latent_allowance` more and cut to the prefix + max_tokens of reply (rollout.budget), so a
+        SAC model's reply gets the same budget as a plain model's; other rows stay as they are."""
+        if self.latent_allowance <= 0:
+            return gens
+        opener = DEFAULT_SCHEMA.delimiters(False).state_open
+        again = [j for j, g in enumerate(gens) if g.finish_reason == "length"
+                 and self.policy.decode(g.tokens).lstrip().startswith(opener)]
+        if not again:
+            return gens
+        more = self.generate_ids([prompts[ok[j]] for j in again], [temps[ok[j]] for j in again],
+                                 max_tokens + self.latent_allowance, seed, [seeds[ok[j]] for j in again])
+        gens = list(gens)
+        for j, g in zip(again, more):
+            kept, cut = cut_reply(self.policy.decode, g.tokens, max_tokens)
+            gens[j] = dataclasses.replace(g, tokens=kept, text=None if cut else g.text,
+                                          logprobs=None if g.logprobs is None else g.logprobs[:len(kept)],
+                                          finish_reason="length" if cut else g.finish_reason)
+        return gens
 
     def close(self) -> None:
         pass

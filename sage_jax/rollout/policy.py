@@ -1,13 +1,17 @@
-"""A chat policy: model + tokenizer + chat template, loaded from an HF dir, `smollm2` or a run dir."""
+"""A chat policy: model + tokenizer + chat template, loaded from an HF dir, `smollm2` or a run dir
+(or, for `openai:MODEL@URL`, a model behind an OpenAI-compatible endpoint: rollout.endpoint)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sage_jax import parallel
 from sage_jax.model import loader, param_axes
 from sage_jax.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from sage_jax.rollout.endpoint import EndpointPolicy
 
 
 @dataclasses.dataclass
@@ -37,13 +41,19 @@ class Policy:
         return self.tokenizer.decode([t for t in tokens if t not in ends], skip_special_tokens=False)
 
 
-def load_policy(path: str, *, template: str | None = None, dtype: str | None = None, mesh=None) -> Policy:
+def load_policy(path: str, *, template: str | None = None, dtype: str | None = None,
+                mesh=None) -> Policy | EndpointPolicy:
     """`smollm2`, an HF directory, or a training run directory (its latest checkpoint, LoRA merged):
-    see :func:`sage_jax.model.loader.load`.
+    see :func:`sage_jax.model.loader.load`. `openai:MODEL@URL`: an `EndpointPolicy` (vLLM, SGLang,
+    `sage-jax serve`; template, dtype and mesh are the server's business and ignored here).
 
     mesh: a `parallel.MeshConfig` (or a Mesh) to lay the parameters out on this process's devices
     by the rule table; the sampler and beam search then run sharded (None / one device: as is).
     """
+    if isinstance(path, str) and path.startswith("openai:"):
+        from sage_jax.rollout.endpoint import parse_endpoint_spec  # lazy: endpoint imports this module
+
+        return parse_endpoint_spec(path)
     cfg, params, tokenizer, name = loader.load(path, dtype=dtype)
     params = parallel.place_params(param_axes(cfg), params, mesh)
     return Policy(cfg, params, tokenizer, template, name)

@@ -8,7 +8,9 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``messages``, ``n``, ``temperature``,
 ``top_p``, ``max_tokens``/``max_completion_tokens``, ``stop``, ``seed``, ``stream``, and vLLM's
-``top_k`` / ``repetition_penalty``), ``GET /health``
+``top_k`` / ``repetition_penalty`` / ``continue_final_message`` + ``add_generation_prompt: false``:
+the last message, an assistant one, is rendered without its end-of-turn and the choices continue
+it, their content being the continuation only), ``GET /health``
 and ``GET /v1/stats`` (batching counters). The extension field
 ``sage = {"pin": {"a_motivation": "humour", ...}, "return_latents": true}`` steers the latents
 (:func:`sage_jax.rollout.steer.steer`); such a choice's ``message.content`` is the reply with the
@@ -38,8 +40,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from sage_jax.rollout.sampler import generate
 from sage_jax.rollout.sampling import SamplingParams
-from sage_jax.rollout.steer import Steered, check_pins, steer
+from sage_jax.rollout.steer import Steered, _cut_stops, check_pins, steer
 
 __all__ = ["make_server", "SageServer", "BatchWorker", "ChatRequest", "Overloaded", "ApiError",
            "parse_chat_request", "MAX_N"]
@@ -70,6 +73,7 @@ class ChatRequest:
     pins: dict | None = None
     sage: bool = False  # the `sage` extension was given: strip latents, return them
     stream: bool = False
+    prefill: str | None = None  # continue_final_message: the partial assistant message to continue
     # filled by the worker
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     results: list[Steered] | None = None
@@ -78,7 +82,7 @@ class ChatRequest:
 
     @property
     def group_key(self) -> tuple:
-        return (self.sampling.greedy, self.sampling.top_k)
+        return (self.sampling.greedy, self.sampling.top_k, self.prefill is not None)
 
     def row_seeds(self) -> list[int]:
         base = self.seed if self.seed is not None else random.getrandbits(31)
@@ -163,7 +167,26 @@ def parse_chat_request(body: Any, *, default_max_tokens: int, max_tokens_limit: 
     repetition_penalty = num("repetition_penalty", float, 1.0, 1e-6, None)
     sp = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
                         repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, stop_strings=stops)
-    return ChatRequest(messages, n, sp, seed, pins, sage is not None, stream)
+    # vLLM's chat extensions: continue the last (assistant) message instead of starting a new one
+    cont, gen_prompt = body.get("continue_final_message", False), body.get("add_generation_prompt", True)
+    for name, v in (("continue_final_message", cont), ("add_generation_prompt", gen_prompt)):
+        if not isinstance(v, bool):
+            raise ApiError(400, f"'{name}' must be a boolean", param=name)
+    prefill = None
+    if cont:
+        if gen_prompt:
+            raise ApiError(400, "continue_final_message needs add_generation_prompt: false (they cannot both be "
+                                "true)", param="add_generation_prompt")
+        if messages[-1]["role"] != "assistant":
+            raise ApiError(400, "continue_final_message: the last message must be an assistant message",
+                           param="messages")
+        if sage is not None:
+            raise ApiError(400, "continue_final_message cannot be combined with the 'sage' extension", param="sage")
+        messages, prefill = messages[:-1], messages[-1]["content"]
+    elif not gen_prompt:
+        raise ApiError(400, "add_generation_prompt: false is only supported with continue_final_message: true",
+                       param="add_generation_prompt")
+    return ChatRequest(messages, n, sp, seed, pins, sage is not None, stream, prefill)
 
 
 class BatchWorker:
@@ -240,11 +263,28 @@ class BatchWorker:
                         r.error = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
                         r.done.set()
 
+    def _continue(self, reqs: list[ChatRequest], prompts: list[list[int]], seeds: list[int],
+                  counted) -> list[Steered]:
+        """continue_final_message rows (prompts: each request's history + its prefill): one
+        generation continuing them (as steer's last phase continues its own prefill); a choice's
+        content is the continuation only."""
+        rows = [(r, p) for r, p in zip(reqs, prompts) for _ in range(r.n)]
+        counted(len(rows))
+        gens = generate(self.policy.cfg, self.policy.params, [p for _, p in rows],
+                        [dataclasses.replace(r.sampling, stop_strings=()) for r, _ in rows], seed=0,
+                        row_seeds=seeds)
+        out = []
+        for (r, _), g in zip(rows, gens):
+            text, cut = _cut_stops(self.policy.decode(g.tokens), r.sampling.stop_strings)
+            out.append(Steered(None, None, text, text, "stop" if cut else g.finish_reason, tokens=list(g.tokens)))
+        return out
+
     def _run(self, reqs: list[ChatRequest]) -> None:
-        convs, pins, sps, seeds, owner = [], [], [], [], []
+        convs, pins, sps, seeds, owner, prompts = [], [], [], [], [], []
         for r in reqs:
-            prompt = self.policy.encode_chat(r.messages)
+            prompt = self.policy.encode_chat(r.messages, prefill=r.prefill or "")
             r.prompt_tokens = len(prompt)
+            prompts.append(prompt)
             for s in r.row_seeds():
                 convs.append(r.messages)
                 pins.append(r.pins)
@@ -257,7 +297,10 @@ class BatchWorker:
                 self.stats["generate_calls"] += 1
 
         try:
-            out = steer(self.policy, convs, pins, sps, seed=0, row_seeds=seeds, on_generate=counted)
+            if reqs[0].prefill is not None:  # a group is all continuations or none (group_key)
+                out = self._continue(reqs, prompts, seeds, counted)
+            else:
+                out = steer(self.policy, convs, pins, sps, seed=0, row_seeds=seeds, on_generate=counted)
         except ValueError as e:  # e.g. a prompt longer than the model's cache
             for r in reqs:
                 r.error = ApiError(400, str(e))

@@ -8,10 +8,11 @@ cost: seconds per assistant turn at K = 1, 4, 8 children (one batch of dialogues
   KV cache, the K children forked from it and decoded together, the rules judge picking), medians
   of --repeats after a warm-up (compilation), and the ratio to K=1 (the K=8/K=1 ratio is the
   price of branching). --branching picks the mode (default latent).
-turns: one --turns search of a batch (K children, the rules judge, the simulated user), per
-  assistant turn: tokens prefilled through the caches vs the tokens a full re-prefill of the
-  history would take, prefill and decode seconds, rewinds; then the programs compiled (count and
-  seconds) for the whole search.
+turns: one --turns search of a batch (K children, the rules judge, the simulated user; after an
+  untimed warm-up search of the same shapes that compiles every program), per assistant turn:
+  tokens prefilled through the caches vs the tokens a full re-prefill of the history would take,
+  prefill, decode and whole-turn seconds (and the ratio to turn 1), rewinds; then the programs
+  the warm-up compiled (count and seconds).
 distinct: mean distinct actions per node at K (default 4) with branching=latent vs
   branching=sample, same seeds, on a model that writes latents, e.g. SmolLM2 after SFT on the
   shipped sample:
@@ -51,7 +52,7 @@ def cost(args) -> None:
         for k in (int(x) for x in args.ks.split(",")):
             cfg = SearchConfig(k=k, max_new_tokens=args.max_new_tokens, branching=args.branching,
                                batch_seeds=args.seeds)
-            apool, _ = make_pools(policy, policy, cfg)
+            apool, _, _ = make_pools(policy, policy, cfg)
 
             def turn(rep: int) -> float:
                 apool.release([e.id for e in episodes])  # each repeat prefills the whole prompt again
@@ -82,12 +83,18 @@ def turns(args) -> None:
     cfg = SearchConfig(k=args.k, turns=args.turns, max_new_tokens=args.max_new_tokens,
                        user_max_new_tokens=args.user_max_new_tokens, branching=args.branching,
                        batch_seeds=args.seeds)
+    seeds = [(f"s{i}", s) for i, s in enumerate(_seeds(args.seeds))]
+    with CompileCounter() as cc:  # the first search compiles every program (and is not timed)
+        t0 = time.perf_counter()
+        search_batch(policy, policy, judge, seeds, cfg, seed=0, pools=make_pools(policy, policy, cfg))
+        first = time.perf_counter() - t0
+    print(f"  warm-up search {first:.1f} s, compiled: {cc} {dict(cc.by_function)}", flush=True)
     stats = CacheStats()
     log: list[dict] = []
     t0 = time.perf_counter()
-    with CompileCounter() as cc:
-        results = search_batch(policy, policy, judge, [(f"s{i}", s) for i, s in enumerate(_seeds(args.seeds))], cfg,
-                               seed=0, pools=make_pools(policy, policy, cfg, stats), turn_log=log)
+    with CompileCounter() as cc2:
+        results = search_batch(policy, policy, judge, seeds, cfg, seed=0, pools=make_pools(policy, policy, cfg, stats),
+                               turn_log=log)
     wall = time.perf_counter() - t0
     # what re-prefilling the whole history would prefill at turn t: the assistant's prompt then
     full = []
@@ -98,12 +105,14 @@ def turns(args) -> None:
           f"{args.turns} turns, up to {args.max_new_tokens}/{args.user_max_new_tokens} new tokens "
           f"(assistant/user), cache length {cache_len(cfg)}\n")
     print("| turn | dialogues | tokens prefilled (both sides) | assistant prompt tokens (full re-prefill) | "
-          "prefill s | decode s | rewinds |")
-    print("|---|---|---|---|---|---|---|")
+          "prefill s | decode s | turn s (incl. user, judge) | turn s / turn 1 | rewinds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row, f in zip(log, full):
         print(f"| {row['turn']} | {row['dialogues']} | {row['prefill_tokens']} | {f} | {row['prefill_seconds']:.2f} "
-              f"| {row['decode_seconds']:.2f} | {row['rewinds']} |")
-    print(f"\nwhole search {wall:.1f} s; compiled: {cc} {dict(cc.by_function)}; cache: {stats.as_dict()}")
+              f"| {row['decode_seconds']:.2f} | {row['seconds']:.2f} | {row['seconds'] / log[0]['seconds']:.2f} "
+              f"| {row['rewinds']} |")
+    print(f"\nwhole search {wall:.1f} s (compiled on the way: {cc2}); the warm-up search compiled {cc} "
+          f"{dict(cc.by_function)}; cache: {stats.as_dict()}")
 
 
 def distinct(args) -> None:

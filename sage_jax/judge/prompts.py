@@ -17,7 +17,8 @@ starts with a line ``### Title`` at column 0; an item starts at column 0 with it
 (``User: ``, ``Assistant: ``, ``Response 3: ``, ``[4] User: ``) and every further line of its
 text is indented by two spaces. Texts are therefore reversible (:func:`decode_text`) and can
 never fake a heading or an item, whatever they contain. Latents are stripped from every
-assistant text before it is shown (a judge never sees them, SAGE.md §1).
+assistant text before it is shown, except in the best-of-K selector prompt with ``latents=True``
+(the reference selector sees the assistant's latents, SAGE.md §4).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from sage_jax.sac import DEFAULT_SCHEMA, Dialogue, Schema, Turn, strip_latents
+from sage_jax.sac import DEFAULT_SCHEMA, Dialogue, Schema, Turn, render_assistant, strip_latents
 
 __all__ = [
     "COMPANION_RUBRIC", "HUMOUR_RUBRIC", "PAIRWISE_RUBRIC", "Context", "as_turns", "encode_text", "decode_text",
@@ -81,17 +82,23 @@ def _clean_assistant(text: str, schema: Schema) -> str:
     return strip_latents(text, schema)
 
 
-def as_turns(context: Context, schema: Schema = DEFAULT_SCHEMA) -> list[tuple[str, str]]:
-    """``[(role, text)]`` of a dialogue context; system messages are dropped, assistant latents stripped.
+def as_turns(context: Context, schema: Schema = DEFAULT_SCHEMA, *, latents: bool = False) -> list[tuple[str, str]]:
+    """``[(role, text)]`` of a dialogue context; system messages are dropped, assistant latents
+    stripped (``latents=True``: kept, and an assistant :class:`Turn` rendered with the state of
+    the user turn before it and its own action, as the assistant wrote it).
 
     Accepts a :class:`Dialogue`, a sequence of :class:`Turn`, chat messages ``{"role", "content"}``
     or ``(role, text)`` pairs.
     """
     items = context.turns if isinstance(context, Dialogue) else context
     out: list[tuple[str, str]] = []
+    prev_state = None
     for i, it in enumerate(items):
         if isinstance(it, Turn):
             role, text = it.role, it.text
+            if latents and role == "assistant" and prev_state is not None and it.action is not None:
+                text = render_assistant(prev_state, it.action, text, schema)
+            prev_state = it.state if role == "user" else None
         elif isinstance(it, Mapping):
             role, text = it.get("role"), it.get("content", it.get("text"))
         elif isinstance(it, (tuple, list)) and len(it) == 2:
@@ -105,7 +112,7 @@ def as_turns(context: Context, schema: Schema = DEFAULT_SCHEMA) -> list[tuple[st
             raise ValueError(f"context item {i}: role must be 'user' or 'assistant', got {role!r}")
         if not isinstance(text, str):
             raise TypeError(f"context item {i}: text must be a string, got {type(text).__name__}")
-        out.append((role, _clean_assistant(text, schema) if role == "assistant" else text))
+        out.append((role, _clean_assistant(text, schema) if role == "assistant" and not latents else text))
     return out
 
 
@@ -119,8 +126,10 @@ def _turn_lines(turns: Sequence[tuple[str, str]], numbered: bool = False) -> lis
 
 # ---------------------------------------------------------------- builders
 def best_of_k_prompt(context: Context, candidates: Sequence[str | Context], *, humour: bool = False,
-                     schema: Schema = DEFAULT_SCHEMA) -> str:
+                     latents: bool = False, schema: Schema = DEFAULT_SCHEMA) -> str:
     """The selector prompt of SAGE.md §4: dialogue so far + K candidates; answer ``Response X is better``.
+    ``latents=True`` (the reference selector) shows the assistant's latent prefixes in the dialogue
+    and the candidates; otherwise they are stripped.
 
     A candidate is the assistant's next message (a string) or, for a deeper search (lookahead,
     beams that diverged earlier), a continuation of the dialogue so far: turns that start with
@@ -128,7 +137,7 @@ def best_of_k_prompt(context: Context, candidates: Sequence[str | Context], *, h
     candidate is its own section ``### Response X`` of turns, so the judge compares whole futures."""
     if len(candidates) < 1:
         raise ValueError("best_of_k_prompt needs at least one candidate")
-    turns = as_turns(context, schema)
+    turns = as_turns(context, schema, latents=latents)
     futures = not all(isinstance(c, str) for c in candidates)
     intro = (["You are judging how funny a chatbot's reply is.", HUMOUR_RUBRIC] if humour else
              ["You are judging the replies of a companion chatbot.", COMPANION_RUBRIC])
@@ -139,13 +148,14 @@ def best_of_k_prompt(context: Context, candidates: Sequence[str | Context], *, h
     lines += _turn_lines(turns) if turns else ["(the chatbot speaks first)"]
     if futures:
         for i, c in enumerate(candidates, 1):
-            cont = as_turns([("assistant", c)] if isinstance(c, str) else c, schema)
+            cont = as_turns([("assistant", c)] if isinstance(c, str) else c, schema, latents=latents)
             if not cont or cont[0][0] != "assistant":
                 raise ValueError(f"candidate {i}: a continuation starts with the assistant's turn")
             lines += ["", f"### {_RESPONSE_SECTION} {i}", *_turn_lines(cont)]
     else:
         lines += ["", f"### {_CANDIDATES}"]
-        lines += [f"Response {i}: {encode_text(_clean_assistant(c, schema))}" for i, c in enumerate(candidates, 1)]
+        lines += [f"Response {i}: {encode_text(c if latents else _clean_assistant(c, schema))}"
+                  for i, c in enumerate(candidates, 1)]
     best = "continuation" if futures else "response"
     lines += ["", f"### {_ANSWER}",
               f'Answer only "Response X is better", where X is the number (1 to {len(candidates)}) of the best '

@@ -9,6 +9,7 @@ judge's. It ignores temperature and seed: the same prompt always gets the same a
 **Best of K** (``Response X is better`` / ``No good one``): each candidate gets the score
 :func:`score_reply` against the user's last message; the highest wins, ties go to the lower
 number; if even the best scores below :data:`NO_GOOD_BELOW` the answer is ``No good one``. A
+well-formed latent prefix shown to the selector is not scored (a malformed one is, as leakage). A
 candidate that is a whole continuation (lookahead, beams) scores the mean of its assistant turns,
 each against the user turn before it.
 :func:`score_reply` adds up (weights in :data:`WEIGHTS`):
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 
 from sage_jax.judge.base import Completion
 from sage_jax.judge.prompts import AnnotationPrompt, BestOfKPrompt, PairwisePrompt, parse_prompt
+from sage_jax.sac import DEFAULT_SCHEMA, strip_latents
 
 __all__ = ["RulesJudge", "score_reply", "ReplyScore", "WEIGHTS", "NO_GOOD_BELOW", "EMOTION_KEYWORDS",
            "annotate_turns"]
@@ -126,6 +128,12 @@ def _last_user(turns) -> str:
     return next((text for role, text in reversed(turns) if role == "user"), "")
 
 
+def _reply(text: str) -> str:
+    """What the user would read: a well-formed latent prefix (a selector prompt may show it) is
+    not part of the reply; a malformed one stays and scores as leakage."""
+    return strip_latents(text, DEFAULT_SCHEMA)
+
+
 def _continuation_score(turns, user: str, humour: bool) -> float:
     """Mean score of a continuation's assistant turns, each against the user turn before it."""
     scores = []
@@ -133,7 +141,7 @@ def _continuation_score(turns, user: str, humour: bool) -> float:
         if role == "user":
             user = text
         else:
-            scores.append(score_reply(text, user, humour=humour).total)
+            scores.append(score_reply(_reply(text), user, humour=humour).total)
     return sum(scores) / len(scores)
 
 
@@ -142,7 +150,7 @@ def _best_of_k(p: BestOfKPrompt) -> str:
     if p.continuations is not None:
         scores = [_continuation_score(c, user, p.humour) for c in p.continuations]
     else:
-        scores = [score_reply(c, user, humour=p.humour).total for c in p.candidates]
+        scores = [score_reply(_reply(c), user, humour=p.humour).total for c in p.candidates]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     if scores[best] < NO_GOOD_BELOW:
         return "No good one"

@@ -203,17 +203,19 @@ class Selection:
 
 
 def select_best(judge: Judge, contexts: Sequence[Context], candidates_per_context: Sequence[Sequence[str]], *,
-                tries: int = 5, humour: bool = False, temperature: float = 0.8, max_tokens: int = 64,
-                seed: int = 0) -> list[Selection]:
+                tries: int = 5, humour: bool = False, latents: bool = False, temperature: float = 0.8,
+                max_tokens: int = 64, seed: int = 0) -> list[Selection]:
     """Pick the best of K candidate replies for each context (SAGE.md §4); one :class:`Selection` each.
 
     All contexts are judged in one batch per try; unparseable or out-of-range verdicts and failed
     calls are resampled (try t uses sampling seed ``seed + t``) up to ``tries`` times, then recorded
-    as a failure. Candidates and context may contain latents: they are stripped before judging.
+    as a failure. Candidates and context may contain latents: they are stripped before judging
+    unless ``latents`` (the reference selector sees them).
     """
     if len(contexts) != len(candidates_per_context):
         raise ValueError(f"{len(contexts)} contexts but {len(candidates_per_context)} candidate lists")
-    prompts = [best_of_k_prompt(c, cands, humour=humour) for c, cands in zip(contexts, candidates_per_context)]
+    prompts = [best_of_k_prompt(c, cands, humour=humour, latents=latents)
+               for c, cands in zip(contexts, candidates_per_context)]
     ks = [len(c) for c in candidates_per_context]
     parsers = [lambda text, k=k: parse_best_of_k(text, k) for k in ks]
     outcome = _judge_with_tries(judge, prompts, parsers, tries=tries, temperature=temperature,
@@ -223,7 +225,8 @@ def select_best(judge: Judge, contexts: Sequence[Context], candidates_per_contex
 
 
 def rank_top(judge: Judge, contexts: Sequence[Context], candidates_per_context: Sequence[Sequence[Any]], top: int, *,
-             tries: int = 5, humour: bool = False, seed: int = 0) -> list[tuple[list[int], list[Selection]]]:
+             tries: int = 5, humour: bool = False, latents: bool = False,
+             seed: int = 0) -> list[tuple[list[int], list[Selection]]]:
     """The ``top`` best candidates of each context, best first, for a beam search: round r asks
     the best-of-K question again over the candidates not yet picked (all contexts batched), so any
     best-of-K judge ranks. Per context: (picked indices, the :class:`Selection` of every round,
@@ -240,7 +243,7 @@ def rank_top(judge: Judge, contexts: Sequence[Context], candidates_per_context: 
             break
         sels = select_best(judge, [contexts[i] for i in open_],
                            [[candidates_per_context[i][j] for j in rest[i]] for i in open_],
-                           tries=tries, humour=humour, seed=seed + 7919 * r)
+                           tries=tries, humour=humour, latents=latents, seed=seed + 7919 * r)
         still = []
         for i, sel in zip(open_, sels):
             rounds[i].append(sel)

@@ -374,16 +374,32 @@ class DialoguePool:
     def child(self, key: Hashable, j: int) -> int:
         return self.row_of[key] * self.k + j
 
-    def commit(self, chosen: dict[Hashable, int]) -> None:
-        """The chosen child's cache becomes its dialogue's cache (other rows: their first child,
-        an unchanged copy when the row did not branch)."""
+    def commit(self, chosen: dict[Hashable, int | tuple[Hashable, int]]) -> None:
+        """The chosen child's cache becomes its dialogue's cache: chosen[key] = j (the key's own
+        child j) or (src_key, j) (child j of another dialogue: a beam that continues from another
+        beam's child; a new key is given a row). Other rows get their first child, an unchanged
+        copy when the row did not branch."""
         if self.children is None:
             raise RuntimeError("commit without fork")
+        self.acquire([key for key in chosen if key not in self.row_of])
         idx = [r * self.k for r in range(self.rows)]
-        for key, j in chosen.items():
-            idx[self.row_of[key]] = self.row_of[key] * self.k + j
+        for key, c in chosen.items():
+            src, j = (key, c) if isinstance(c, int) else c
+            idx[self.row_of[key]] = self.row_of[src] * self.k + j
         self.cache = self.children.take(idx)
         self.children = None
+
+    def assign(self, sources: dict[Hashable, Hashable]) -> None:
+        """Row of key becomes a copy of the row of sources[key] (beams: a new beam inherits its
+        parent's cache on this side; a new key is given a row)."""
+        if self.children is not None:
+            raise RuntimeError("DialoguePool: commit(chosen) the forked children first")
+        self.acquire([key for key in sources if key not in self.row_of])
+        idx = list(range(self.rows))
+        for key, src in sources.items():
+            idx[self.row_of[key]] = self.row_of[src]
+        if idx != list(range(self.rows)):
+            self.cache = self.cache.take(idx)
 
 
 # ---------------------------------------------------------------------------------------------

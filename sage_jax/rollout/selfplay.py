@@ -16,6 +16,7 @@ import dataclasses
 import re
 from typing import Sequence
 
+from sage_jax.rollout.endpoint import EndpointPolicy
 from sage_jax.rollout.policy import Policy
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.sac import DEFAULT_SCHEMA, Latent, Schema, Turn, parse_assistant_lenient, render_assistant, strip_latents
@@ -54,6 +55,15 @@ class Episode:
     user_view: list[dict]  # chat messages as the simulator sees them (roles flipped, no latents)
     done: bool = False
     note: str = ""
+    key: str = ""  # its rows in the KV-cache pools (default: id; a beam of a tree search: id#bN)
+
+    def __post_init__(self):
+        self.key = self.key or self.id
+
+    def fork(self, key: str) -> "Episode":
+        """An independent copy under another pool key (a beam or a lookahead future)."""
+        return dataclasses.replace(self, turns=list(self.turns), assistant_view=[dict(m) for m in self.assistant_view],
+                                   user_view=[dict(m) for m in self.user_view], key=key)
 
     @classmethod
     def start(cls, id: str, seed: str, schema: Schema = DEFAULT_SCHEMA, special_tokens: bool = False) -> "Episode":
@@ -92,23 +102,31 @@ class Episode:
         return text
 
 
-def user_turns(sim: Policy, episodes: Sequence[Episode], sampling: SamplingParams, seed: int,
+def user_turns(sim: Policy | EndpointPolicy, episodes: Sequence[Episode], sampling: SamplingParams, seed: int,
                pool=None) -> None:
     """One simulated user reply for every live episode, batched. With a `DialoguePool`
     (rollout.dialogue_cache) each episode keeps its simulator cache across turns and only the new
-    tokens are prefilled; an episode whose history no longer fits it ends (note "cache full")."""
+    tokens are prefilled; an episode whose history no longer fits it ends (note "cache full").
+    An `EndpointPolicy` simulator (no cache here: pool must be None): one `chat` call, n=1 each."""
     live = [e for e in episodes if not e.done]
     if not live:
         return
+    if isinstance(sim, EndpointPolicy):
+        if pool is not None:
+            raise ValueError("user_turns: an endpoint simulator keeps no KV cache here (pass pool=None)")
+        got = sim.chat([e.user_view for e in live], sampling, n=1, seed=seed)
+        for e, (c,) in zip(live, got):
+            e.add_user(c.content)
+        return
     if pool is not None:
-        full = set(pool.sync({e.id: sim.encode_chat(e.user_view) for e in live}))
+        full = set(pool.sync({e.key: sim.encode_chat(e.user_view) for e in live}))
         for e in live:
-            if e.id in full:
+            if e.key in full:
                 e.done, e.note = True, "cache full: the user simulator's history does not fit max_cache_len"
         live = [e for e in live if not e.done]
-        got = pool.generate({e.id: sampling for e in live}, seed=seed)
+        got = pool.generate({e.key: sampling for e in live}, seed=seed)
         for e in live:
-            e.add_user(sim.decode(got[e.id][0]))
+            e.add_user(sim.decode(got[e.key][0]))
         return
     from sage_jax import rollout
 

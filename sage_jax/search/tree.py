@@ -18,9 +18,12 @@ Every node records `distinct_actions` (distinct parsed actions among its childre
 earlier path, kept for comparison). The run's summary reports the programs compiled (count and
 seconds: a fixed cache length and chunk widths keep it to a handful per search) and the cache
 counters (tokens prefilled, reused, rewound when a chat template re-renders history).
-The judge picks the best child (best-of-K, retried on unparseable verdicts); the chosen child
-continues, the others are kept as negatives; the simulated user answers; all dialogues of a batch
-advance together. Beam width and lookahead are 1, the paper's setting (deeper search: future work).
+The judge picks the best child (best-of-K); "No good one" or no usable verdict samples the whole
+step again (`step_tries`), then abandons the dialogue; the chosen child continues, the others are
+kept as negatives; the simulated user answers; all dialogues of a batch advance together. Beam
+width and lookahead default to 1, the paper's setting: `beam=B` keeps the B best partial dialogues
+per seed (the judge ranks all B x K children), `lookahead=d` rolls each child d-1 further
+simulated turns and the judge compares these futures.
 
 Outputs (JSONL, appended per finished dialogue; a restarted run skips finished seeds):
 trees.jsonl (every node: candidates with latents, verdict, choice), trajectories.jsonl and
@@ -35,6 +38,7 @@ import html
 import json
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -42,7 +46,7 @@ from sage_jax import parallel, rollout
 from sage_jax.data.jsonl import JsonlWriter
 from sage_jax.data.readers import read_seeds
 from sage_jax.data.sample import sample_path
-from sage_jax.judge import make_judge, select_best
+from sage_jax.judge import make_judge, rank_top
 from sage_jax.rollout.compiles import CompileCounter
 from sage_jax.rollout.dialogue_cache import BranchConfig, CacheStats, DialoguePool, action_key, branch
 from sage_jax.rollout.policy import Policy, load_policy
@@ -70,12 +74,23 @@ class SearchConfig:
     vocabulary: str = "esconv_strategies"  # closed vocabulary of a_motivation for branching=enumerate
     latent_max_new_tokens: int = 48  # budget of one decoded latent block (state or action)
     action_tries: int = 3  # branching=latent: rounds resampling duplicate actions
+    # Deeper search (the paper: beam=1, lookahead=1). beam: the B best partial dialogues per seed
+    # stay alive, ranked by the judge over all B x K children; lookahead: each child is rolled
+    # forward lookahead-1 further simulated turns and the judge compares these futures.
+    beam: int = 1
+    lookahead: int = 1
     max_cache_len: int | None = None  # per-dialogue KV cache limit (default: the model's max positions)
     cache_len: int | None = None  # initial per-dialogue cache length (default: what `turns` need at most)
     cache: bool = True  # one KV cache per dialogue kept across turns (False: re-prefill every turn)
     negatives_per_turn: int = 1  # preference pairs per assistant turn
     humour: bool = False
-    judge_tries: int = 5
+    # A rejected assistant step ("No good one", or no usable verdict) is sampled again, K new
+    # children, up to step_tries times; then the dialogue is abandoned: with abandon=true nothing
+    # from it becomes training data (the reference), with false it ends there, earlier turns kept.
+    step_tries: int = 5
+    abandon: bool = True
+    judge_tries: int = 1  # judge calls per try (>1 re-asks on an unparseable verdict before resampling)
+    selector_latents: bool = True  # the judge sees the assistant's latents in history and candidates (the reference)
     temperature: float = 0.95
     top_k: int = 50
     top_p: float = 0.7
@@ -122,13 +137,21 @@ def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed:
     """K candidate assistant messages per episode (each {"content", "finish_reason", ...}; None
     for an episode whose history does not fit the cache), decoded on each episode's KV cache in
     `pool` (a fresh pool when None; `pool.commit(chosen)` then keeps the chosen child's cache).
-    cfg.cache=False: the earlier path, re-prefilling the whole history (sample/enumerate only)."""
+    cfg.cache=False: the earlier path, re-prefilling the whole history (sample/enumerate only).
+    An `EndpointPolicy` (`openai:MODEL@URL`; pool is None): `rollout.endpoint.branch`, requests
+    with n=K (sample) or continuing the shared latent prefix (latent, enumerate)."""
+    from sage_jax.rollout import endpoint
+
+    if isinstance(policy, endpoint.EndpointPolicy):
+        got = endpoint.branch(policy, dict(enumerate(e.assistant_view for e in episodes)),
+                              cfg.sampling(cfg.max_new_tokens), branch_config(cfg), seed)
+        return [got[i] for i in range(len(episodes))]
     if cfg.cache or cfg.branching == "latent":
         if pool is None:
             pool = DialoguePool(policy, len(episodes), max_cache_len=cfg.max_cache_len)
-        got = branch(policy, pool, {e.id: e.assistant_view for e in episodes}, cfg.sampling(cfg.max_new_tokens),
+        got = branch(policy, pool, {e.key: e.assistant_view for e in episodes}, cfg.sampling(cfg.max_new_tokens),
                      branch_config(cfg), seed)
-        return [got[e.id] for e in episodes]
+        return [got[e.key] for e in episodes]
     sp = cfg.sampling(cfg.max_new_tokens)
     if cfg.branching == "sample":
         prompts = [policy.encode_chat(e.assistant_view) for e in episodes]
@@ -166,12 +189,28 @@ def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed:
 
 
 def make_pools(policy: Policy, sim: Policy, cfg: SearchConfig, stats: CacheStats | None = None):
-    """(assistant pool, simulator pool): one KV-cache row per dialogue of a batch, reused across batches."""
+    """(assistant pool, simulator pool): one KV-cache row per live beam of a batch (batch_seeds x
+    beam), reused across batches; with lookahead > 1 also (assistant, simulator) pools for the
+    futures, one row per child (batch_seeds x beam x k), else None. A side that is an
+    `EndpointPolicy` gets None (no KV cache here: the engine behind it keeps its own)."""
+    from sage_jax.rollout.endpoint import EndpointPolicy
+
     stats = stats if stats is not None else CacheStats()
-    return (DialoguePool(policy, cfg.batch_seeds, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg),
-                         stats=stats),
-            DialoguePool(sim, cfg.batch_seeds, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg),
-                         stats=stats))
+    if isinstance(sim, EndpointPolicy) and not isinstance(policy, EndpointPolicy):
+        raise ValueError("search: an openai: user_model with a local assistant model is not supported on the "
+                         "per-dialogue caches yet (make the assistant an openai: endpoint too, or set "
+                         "cache=false with branching=sample or enumerate)")
+    if cfg.lookahead > 1 and (isinstance(policy, EndpointPolicy) or isinstance(sim, EndpointPolicy)):
+        raise ValueError("search: lookahead > 1 with an openai: model or user_model is not supported yet")
+
+    def pool(p: Policy | EndpointPolicy, rows: int) -> DialoguePool | None:
+        if isinstance(p, EndpointPolicy):
+            return None
+        return DialoguePool(p, rows, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg), stats=stats)
+
+    rows = cfg.batch_seeds * cfg.beam
+    futures = (pool(policy, rows * cfg.k), pool(sim, rows * cfg.k)) if cfg.lookahead > 1 else None
+    return pool(policy, rows), pool(sim, rows), futures
 
 
 DEFAULT_CACHE_CAP = 4096  # the default initial cache length stops here (memory); rows may grow past it
@@ -188,87 +227,224 @@ def cache_len(cfg: SearchConfig) -> int:
 
 
 def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, str]], cfg: SearchConfig,
-                 seed: int, pools: tuple[DialoguePool, DialoguePool] | None = None,
-                 turn_log: list[dict] | None = None) -> list[dict]:
+                 seed: int, pools=None, turn_log: list[dict] | None = None) -> list[dict]:
     """Search one batch of (id, seed text) dialogues; returns one result record per dialogue.
 
     pools: from `make_pools` (made here when None and cfg.cache); turn_log: gets one record of
     cache counters per assistant turn (prefill tokens and seconds, rewinds, ...)."""
-    episodes = [Episode.start(i, s) for i, s in seeds]
-    nodes: dict[str, list[dict]] = {e.id: [] for e in episodes}
-    pairs: dict[str, list[dict]] = {e.id: [] for e in episodes}
-    rng = random.Random(seed)
+    roots = [Episode.start(i, s) for i, s in seeds]
+    nodes: dict[str, list[dict]] = {e.id: [] for e in roots}
+    pairs: dict[str, list[dict]] = {e.id: [] for e in roots}
     cached = cfg.cache or cfg.branching == "latent"
+    if not cached and (cfg.beam > 1 or cfg.lookahead > 1):
+        raise ValueError("search: beam > 1 and lookahead > 1 run on the per-dialogue caches (set cache=true)")
     if cached and pools is None:
         pools = make_pools(policy, sim, cfg)
-    apool, upool = pools if cached else (None, None)
+    apool, upool, fpools = pools if cached else (None, None, None)
+    beams = {e.id: [e] for e in roots}
+    abandoned: set[str] = set()
     try:
-        _search_turns(policy, sim, judge, episodes, nodes, pairs, rng, cfg, seed, apool, upool, turn_log)
+        _search_turns(policy, sim, judge, beams, nodes, pairs, random.Random(seed), cfg, seed, apool, upool,
+                      fpools, turn_log, abandoned)
     finally:
         for p in (apool, upool):
             if p is not None:
-                p.release([e.id for e in episodes])
+                p.release(list(p.row_of))
     results = []
-    for e in episodes:
-        dialogue = Dialogue(e.id, tuple(e.turns), meta={"seed": e.seed, "model": policy.name, "judge": judge.name,
-                                                          **({"note": e.note} if e.note else {})})
-        results.append({"id": e.id, "dialogue": dialogue, "nodes": nodes[e.id], "pairs": pairs[e.id],
-                        "assistant_view": e.assistant_view})
+    for root in roots:
+        e = beams[root.id][0]  # the best-ranked beam of the last level (with beam=1: the dialogue)
+        meta = {"seed": e.seed, "model": policy.name, "judge": judge.name, **({"note": e.note} if e.note else {}),
+                **({"beam": cfg.beam} if cfg.beam > 1 else {}), **({"lookahead": cfg.lookahead} if cfg.lookahead > 1 else {})}
+        results.append({"id": e.id, "dialogue": Dialogue(e.id, tuple(e.turns), meta=meta), "nodes": nodes[e.id],
+                        "pairs": pairs[e.id], "assistant_view": e.assistant_view, "abandoned": e.id in abandoned})
     return results
 
 
-def _search_turns(policy, sim, judge, episodes, nodes, pairs, rng, cfg: SearchConfig, seed, apool, upool,
-                  turn_log) -> None:
+def _slot_key(seed_id: str, slot: int) -> str:
+    return seed_id if slot == 0 else f"{seed_id}#b{slot}"
+
+
+def _common_prefix(beams: Sequence[Episode]) -> int:
+    """Turns all beams share, ending before an assistant turn (a continuation starts with one;
+    two beams whose children read the same still differ in what the user said next)."""
+    n = min(len(b.turns) for b in beams)
+    i = 0
+    while i < n and all(b.turns[i] == beams[0].turns[i] for b in beams):
+        i += 1
+    while 0 < i < len(beams[0].turns) and beams[0].turns[i].role != "assistant":
+        i -= 1
+    return i
+
+
+def _lookahead(policy: Policy, sim: Policy, live: Sequence[Episode], cands: Sequence[list[dict]], cfg: SearchConfig,
+               steps: int, seed: int, fpools) -> dict[tuple[str, int], Episode]:
+    """Each child rolled forward `steps` further simulated turns (the user answers, the assistant
+    replies with one child), all futures of the batch together on the futures' pools."""
+    fapool, fupool = fpools
+    futs = {}
+    for e, cs in zip(live, cands):
+        for j, c in enumerate(cs):
+            f = e.fork(f"{e.key}/c{j}")
+            f.add_assistant(c["content"])
+            futs[e.key, j] = f
+    one = dataclasses.replace(cfg, k=1)
+    try:
+        for step in range(steps):
+            user_turns(sim, list(futs.values()), cfg.sampling(cfg.user_max_new_tokens),
+                       seed=seed + 100 * step, pool=fupool)
+            going = [f for f in futs.values() if not f.done]
+            if not going:
+                break
+            got = expand(policy, going, one, seed=seed + 100 * step + 50, pool=fapool)
+            fapool.commit({})
+            for f, cs in zip(going, got):
+                if cs is None:
+                    f.done, f.note = True, "cache full"
+                else:
+                    f.add_assistant(cs[0]["content"])
+    finally:
+        for p in fpools:
+            p.release([f.key for f in futs.values()])
+    return futs
+
+
+def _search_turns(policy, sim, judge, beams: dict[str, list[Episode]], nodes, pairs, rng, cfg: SearchConfig, seed,
+                  apool, upool, fpools, turn_log, abandoned: set[str]) -> None:
+    """Each level: every live beam branches into K children; the judge ranks each seed's B x K
+    children (with lookahead, their futures; beams that diverged earlier, their continuations
+    since the seeds' common history); the `beam` best become the next level's beams. A seed whose
+    children the judge rejects ("No good one", or no usable verdict) is sampled again, the whole
+    assistant step, up to `step_tries` times; then it is abandoned (SAGE.md §4)."""
     for turn in range(cfg.turns):
-        live = [e for e in episodes if not e.done]
-        if not live:
+        pending = [e for bs in beams.values() for e in bs if not e.done]
+        if not pending:
             break
         before = apool.stats.copy() if apool is not None else None
-        cands = expand(policy, live, cfg, seed=seed + 1000 * turn, pool=apool)
-        for e, cs in zip(live, cands):
-            if cs is None:
-                e.done, e.note = True, "cache full: the assistant's history does not fit max_cache_len"
-        live, cands = [e for e in live if not e.done], [cs for cs in cands if cs is not None]
-        if not live:
-            if apool is not None:
-                apool.commit({})
-            break
-        if cfg.k > 1:
-            sels = select_best(judge, [e.turns for e in live], [[c["content"] for c in cs] for cs in cands],
-                               tries=cfg.judge_tries, humour=cfg.humour, seed=seed + turn)
-        else:
-            sels = [None] * len(live)
-        chosen = {}
-        for e, cs, sel in zip(live, cands, sels):
-            index = 0 if sel is None or sel.index is None else sel.index
-            chosen[e.id] = index
-            history = [dataclasses.replace(t) for t in e.turns]
-            actions = set()
-            for c in cs:
-                c.pop("tokens", None)
-                st, act, c["reply"] = _latents(c["content"])
-                actions.add(action_key(act))
-                c["state"], c["action"] = _latent_json(st), _latent_json(act)
-            nodes[e.id].append({
-                "turn": turn, "candidates": cs, "chosen": index,
-                "verdict": None if sel is None else {"kind": sel.verdict.kind, "raw": list(sel.raw),
-                                                     "tries": sel.tries, "judge": sel.judge},
-                "distinct_latents": len({json.dumps([c["state"], c["action"]]) for c in cs}),
-                "distinct_actions": len(actions)})
-            others = [j for j in range(len(cs)) if j != index]
-            for j in rng.sample(others, min(cfg.negatives_per_turn, len(others))):
-                hist_json = dialogue_to_json(Dialogue(e.id, tuple(history)))["turns"]
-                pairs[e.id].append({"id": f"{e.id}:t{turn}:r{j}", "history": hist_json,
-                                    "chosen": _pair_side(cs[index]), "rejected": _pair_side(cs[j]),
-                                    "meta": {"judge": None if sel is None else sel.judge,
-                                             "verdict": None if sel is None else sel.verdict.kind}})
-            e.add_assistant(cs[index]["content"])
+        t0 = time.perf_counter()
+        new_beams: dict[str, list[Episode]] = {}
+        for attempt in range(cfg.step_tries):
+            failed = _attempt(policy, sim, judge, pending, nodes, pairs, rng, cfg, seed, turn, attempt, apool, upool,
+                              fpools, new_beams)
+            pending = [e for e in pending if e.id in failed and not e.done]
+            if not pending:
+                break
+        for sid in {e.id for e in pending}:  # every try rejected
+            abandoned.add(sid)
+            for e in beams[sid]:
+                e.done, e.note = True, (f"abandoned at assistant turn {turn + 1}: no acceptable candidate in "
+                                        f"{cfg.step_tries} tries")
+        beams.update(new_beams)
         if apool is not None:
-            apool.commit(chosen)  # the chosen child's cache is the dialogue's next cache
+            gone = [k for k in apool.row_of if k.split("#b")[0] in new_beams
+                    and k not in {e.key for e in new_beams[k.split("#b")[0]]}]
+            apool.release(gone)
+            upool.release(gone)
         if turn + 1 < cfg.turns:
-            user_turns(sim, live, cfg.sampling(cfg.user_max_new_tokens), seed=seed + 1000 * turn + 500, pool=upool)
+            user_turns(sim, [e for bs in new_beams.values() for e in bs], cfg.sampling(cfg.user_max_new_tokens),
+                       seed=seed + 1000 * turn + 500, pool=upool)
         if turn_log is not None and before is not None:
-            turn_log.append({"turn": turn + 1, "dialogues": len(live), **apool.stats.minus(before)})
+            turn_log.append({"turn": turn + 1, "dialogues": len(new_beams), "seconds": round(time.perf_counter() - t0, 3),
+                             **apool.stats.minus(before)})
+
+
+def _attempt(policy, sim, judge, live: list[Episode], nodes, pairs, rng, cfg: SearchConfig, seed: int, turn: int,
+             attempt: int, apool, upool, fpools, new_beams: dict[str, list[Episode]]) -> set[str]:
+    """One try of one level for the beams `live`: expand, roll futures, rank, keep the best.
+    Fills `new_beams` for the seeds that got a verdict; returns the seeds that did not."""
+    s = seed + 1000 * turn + 97 * attempt
+    cands = expand(policy, live, cfg, seed=s, pool=apool)
+    for e, cs in zip(live, cands):
+        if cs is None:
+            e.done, e.note = True, "cache full: the assistant's history does not fit max_cache_len"
+    live, cands = [e for e in live if not e.done], [cs for cs in cands if cs is not None]
+    if not live:
+        if apool is not None:
+            apool.commit({})
+        return set()
+    actions = {}
+    for e, cs in zip(live, cands):
+        actions[e.key] = set()
+        for c in cs:
+            c.pop("tokens", None)
+            st, act, c["reply"] = _latents(c["content"])
+            c["state"], c["action"] = _latent_json(st), _latent_json(act)
+            actions[e.key].add(action_key(act))
+    steps = min(cfg.lookahead, cfg.turns - turn) - 1
+    futs = _lookahead(policy, sim, live, cands, cfg, steps, s + 700, fpools) if steps > 0 else {}
+    # what the judge compares, per seed: the B x K children as continuations of the common history
+    by_seed: dict[str, list[tuple[Episode, int]]] = {}
+    for e, cs in zip(live, cands):
+        by_seed.setdefault(e.id, []).extend((e, j) for j in range(len(cs)))
+    cand_of = {e.key: cs for e, cs in zip(live, cands)}
+    ids = list(by_seed)
+    contexts, options = [], []
+    for sid in ids:
+        group = by_seed[sid]
+        parents = list({e.key: e for e, _ in group}.values())
+        n = _common_prefix(parents)
+        contexts.append(parents[0].turns[:n])
+        opts = []
+        for e, j in group:
+            content = cand_of[e.key][j]["content"]
+            if (e.key, j) in futs:
+                future = futs[e.key, j].turns[len(e.turns) + 1:]
+                opts.append(e.turns[n:] + [("assistant", content)] + future)
+                cand_of[e.key][j]["future"] = [{"role": t.role, "text": t.text} for t in future]
+            elif len(e.turns) > n:
+                opts.append(e.turns[n:] + [("assistant", content)])
+            else:
+                opts.append(content)
+        options.append(opts)
+    if sum(len(o) for o in options) > len(options) or cfg.beam > 1:
+        ranked = rank_top(judge, contexts, options, cfg.beam, tries=cfg.judge_tries, humour=cfg.humour,
+                          latents=cfg.selector_latents, seed=seed + turn + 7 * attempt)
+    else:  # one candidate per seed: nothing to choose
+        ranked = [([0], []) for _ in ids]
+    failed, a_commit, u_assign = set(), {}, {}
+    for sid, (order, rounds) in zip(ids, ranked):
+        group = by_seed[sid]
+        parents = list({e.key: e for e, _ in group}.values())
+        compared = "futures" if futs else "continuations" if len(parents) > 1 else "replies"
+        verdicts = [{"kind": v.verdict.kind, "raw": list(v.raw), "tries": v.tries, "judge": v.judge} for v in rounds]
+        rank_of = {(group[i][0].key, group[i][1]): r for r, i in enumerate(order)}
+        if not order:
+            failed.add(sid)
+        for e in parents:
+            cs = cand_of[e.key]
+            kept = [j for j in range(len(cs)) if (e.key, j) in rank_of]
+            for j in kept:
+                cs[j]["rank"] = rank_of[e.key, j]
+            best = min(kept, key=lambda j: rank_of[e.key, j]) if kept else None
+            node = {"turn": turn, "candidates": cs, "chosen": best, "verdict": verdicts[0] if verdicts else None,
+                    "distinct_latents": len({json.dumps([c["state"], c["action"]]) for c in cs}),
+                    "distinct_actions": len(actions[e.key])}
+            if attempt or not order:
+                node["attempt"] = attempt + 1  # a rejected try's node has chosen None
+            if cfg.beam > 1 or futs:
+                node.update({"beam": e.key, "kept": kept, "compared": compared,
+                             **({"rounds": verdicts} if cfg.beam > 1 else {})})
+            nodes[sid].append(node)
+            if best is None:
+                continue
+            others = [j for j in range(len(cs)) if j not in kept]
+            hist_json = dialogue_to_json(Dialogue(sid, tuple(e.turns)))["turns"]
+            for j in rng.sample(others, min(cfg.negatives_per_turn, len(others))):
+                pairs[sid].append({"id": f"{e.key}:t{turn}:r{j}", "history": hist_json,
+                                   "chosen": _pair_side(cs[best]), "rejected": _pair_side(cs[j]),
+                                   "meta": {"judge": judge.name if verdicts else None,
+                                            "verdict": verdicts[0]["kind"] if verdicts else None,
+                                            "compared": compared}})
+        for slot, i in enumerate(order[:cfg.beam]):
+            e, j = group[i]
+            key = _slot_key(sid, slot)
+            child = e.fork(key)  # two beams may continue from one parent
+            child.add_assistant(cand_of[e.key][j]["content"])
+            new_beams.setdefault(sid, []).append(child)
+            a_commit[key], u_assign[key] = (e.key, j), e.key
+    if apool is not None:
+        apool.commit(a_commit)  # the kept children's caches are the next level's beams' caches
+        upool.assign(u_assign)
+    return failed
 
 
 def render_tree_html(result: dict) -> str:
@@ -306,8 +482,9 @@ def run_search(cfg: SearchConfig) -> dict:
 
     from sage_jax.progress import progress
 
-    if cfg.k < 1 or cfg.turns < 1:
-        raise ValueError("search: k and turns must be >= 1")
+    bad = [f for f in ("k", "turns", "beam", "lookahead", "step_tries", "judge_tries") if getattr(cfg, f) < 1]
+    if bad:
+        raise ValueError(f"search: {', '.join(bad)} must be >= 1")
     parallel.initialize_distributed()  # a no-op on one process
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +495,7 @@ def run_search(cfg: SearchConfig) -> dict:
     print(f"search: {len(items)} seeds, {len(finished & {i for i, _ in items})} already done, {len(todo)} to go; "
           f"K={cfg.k}, {cfg.turns} turns, judge {cfg.judge}", file=sys.stderr)
     summary = {"seeds": len(items), "skipped_done": len(items) - len(todo), "searched": 0, "pairs": 0,
+               "abandoned": 0, "rejected_tries": 0,
                "output_dir": str(out)}
     if not todo:
         shards.finish(out)  # shards a killed multi-process run left behind
@@ -338,15 +516,20 @@ def run_search(cfg: SearchConfig) -> dict:
         for b, batch in mine:
             for r in search_batch(policy, sim, judge, batch, cfg, seed=cfg.seed + b, pools=pools):
                 actions += [n["distinct_actions"] for n in r["nodes"]]
+                summary["rejected_tries"] += sum(n["chosen"] is None for n in r["nodes"])
                 d = dialogue_to_json(r["dialogue"])
-                writers["sft"].write(d)
-                writers["trajectories"].write({**d, "assistant_view": r["assistant_view"]})
-                for p in r["pairs"]:
-                    writers["pairs"].write(p)
+                if r["abandoned"]:
+                    summary["abandoned"] += 1
+                if not (r["abandoned"] and cfg.abandon):  # an abandoned dialogue gives no training data
+                    writers["sft"].write(d)
+                    writers["trajectories"].write({**d, "assistant_view": r["assistant_view"]})
+                    for p in r["pairs"]:
+                        writers["pairs"].write(p)
+                    summary["pairs"] += len(r["pairs"])
                 (out / "trees" / f"{r['id']}.html").write_text(render_tree_html(r))
-                writers["trees"].write({"id": r["id"], "seed": r["dialogue"].meta["seed"], "nodes": r["nodes"]})
+                writers["trees"].write({"id": r["id"], "seed": r["dialogue"].meta["seed"], "nodes": r["nodes"],
+                                        **({"abandoned": r["dialogue"].meta.get("note")} if r["abandoned"] else {})})
                 summary["searched"] += 1
-                summary["pairs"] += len(r["pairs"])
             bar.update(len(batch))
     finally:
         compiles.__exit__(None, None, None)
@@ -358,6 +541,7 @@ def run_search(cfg: SearchConfig) -> dict:
     summary["distinct_actions_mean"] = round(sum(actions) / len(actions), 3) if actions else None
     print(f"search: {compiles} (programs compiled, seconds); cache: {stats.prefill_tokens} tokens prefilled, "
           f"{stats.reused_tokens} reused, {stats.rewinds} rewinds; mean distinct actions per node "
-          f"{summary['distinct_actions_mean']}", file=sys.stderr)
+          f"{summary['distinct_actions_mean']}; {summary['abandoned']} dialogues abandoned after "
+          f"{cfg.step_tries} rejected tries ({summary['rejected_tries']} rejected tries in all)", file=sys.stderr)
     shards.finish(out)  # several processes: wait for all, process 0 merges the shards
     return summary

@@ -193,9 +193,10 @@ def test_latent_first_search_through_endpoint_continues_the_shared_state(srv, re
         assert len(first_round) == 2 and all(r["n"] == 2 for r in first_round)
 
 
-def test_endpoint_user_simulator_with_our_assistant(pol, srv, requests_log):
+@pytest.mark.parametrize("cache", [False, True])
+def test_endpoint_user_simulator_with_our_assistant(pol, srv, requests_log, cache):
     ep = EndpointPolicy(srv.model_name, srv.url, max_retries=0, timeout=120)
-    cfg = SearchConfig(turns=2, k=2, branching="sample", cache=False, max_new_tokens=6, user_max_new_tokens=6,
+    cfg = SearchConfig(turns=2, k=2, branching="sample", cache=cache, max_new_tokens=6, user_max_new_tokens=6,
                        batch_seeds=1)
     (r,) = tree.search_batch(pol, ep, FirstOneJudge(), [("a", "I failed my exam.")], cfg, seed=2)
     assert len(r["nodes"]) == 2 and all(len(n["candidates"]) == 2 for n in r["nodes"])
@@ -203,8 +204,16 @@ def test_endpoint_user_simulator_with_our_assistant(pol, srv, requests_log):
     # the simulator's turn went to the endpoint (one request, n=1); the assistant's did not
     assert len(requests_log) == 1 and _is_user_sim(requests_log[0]) and requests_log[0]["n"] == 1
     assert [t.role for t in r["dialogue"].turns] == ["user", "assistant", "user", "assistant"]
-    with pytest.raises(ValueError, match="openai: user_model with a local assistant"):
-        tree.make_pools(pol, ep, cfg)
-    with pytest.raises(ValueError, match="lookahead > 1"):
-        tree.make_pools(ep, ep, SearchConfig(lookahead=2))
+    apool, upool, _ = tree.make_pools(pol, ep, cfg)
+    assert apool is not None and upool is None  # our side keeps its caches, the endpoint its own
     assert tree.make_pools(ep, ep, cfg) == (None, None, None)
+
+
+def test_lookahead_with_endpoint_sides(pol, srv, requests_log):
+    """lookahead 2 with the simulator behind the endpoint: the futures' user turns go there too."""
+    ep = EndpointPolicy(srv.model_name, srv.url, max_retries=0, timeout=120)
+    cfg = SearchConfig(turns=2, k=2, branching="sample", max_new_tokens=6, user_max_new_tokens=6, batch_seeds=1,
+                       lookahead=2)
+    (r,) = tree.search_batch(pol, ep, FirstOneJudge(), [("a", "I failed my exam.")], cfg, seed=2)
+    assert [len(c.get("future", [])) for c in r["nodes"][0]["candidates"]] == [2, 2]
+    assert sum(_is_user_sim(q) for q in requests_log) == 3  # 2 futures (one per child) + the real turn

@@ -196,12 +196,6 @@ def make_pools(policy: Policy, sim: Policy, cfg: SearchConfig, stats: CacheStats
     from sage_jax.rollout.endpoint import EndpointPolicy
 
     stats = stats if stats is not None else CacheStats()
-    if isinstance(sim, EndpointPolicy) and not isinstance(policy, EndpointPolicy):
-        raise ValueError("search: an openai: user_model with a local assistant model is not supported on the "
-                         "per-dialogue caches yet (make the assistant an openai: endpoint too, or set "
-                         "cache=false with branching=sample or enumerate)")
-    if cfg.lookahead > 1 and (isinstance(policy, EndpointPolicy) or isinstance(sim, EndpointPolicy)):
-        raise ValueError("search: lookahead > 1 with an openai: model or user_model is not supported yet")
 
     def pool(p: Policy | EndpointPolicy, rows: int) -> DialoguePool | None:
         if isinstance(p, EndpointPolicy):
@@ -296,7 +290,8 @@ def _lookahead(policy: Policy, sim: Policy, live: Sequence[Episode], cands: Sequ
             if not going:
                 break
             got = expand(policy, going, one, seed=seed + 100 * step + 50, pool=fapool)
-            fapool.commit({})
+            if fapool is not None:
+                fapool.commit({})
             for f, cs in zip(going, got):
                 if cs is None:
                     f.done, f.note = True, "cache full"
@@ -304,7 +299,8 @@ def _lookahead(policy: Policy, sim: Policy, live: Sequence[Episode], cands: Sequ
                     f.add_assistant(cs[0]["content"])
     finally:
         for p in fpools:
-            p.release([f.key for f in futs.values()])
+            if p is not None:
+                p.release([f.key for f in futs.values()])
     return futs
 
 
@@ -334,11 +330,10 @@ def _search_turns(policy, sim, judge, beams: dict[str, list[Episode]], nodes, pa
                 e.done, e.note = True, (f"abandoned at assistant turn {turn + 1}: no acceptable candidate in "
                                         f"{cfg.step_tries} tries")
         beams.update(new_beams)
-        if apool is not None:
-            gone = [k for k in apool.row_of if k.split("#b")[0] in new_beams
-                    and k not in {e.key for e in new_beams[k.split("#b")[0]]}]
-            apool.release(gone)
-            upool.release(gone)
+        kept = {e.key for bs in new_beams.values() for e in bs}
+        for p in (apool, upool):  # beam slots no longer alive
+            if p is not None:
+                p.release([k for k in p.row_of if k.split("#b")[0] in new_beams and k not in kept])
         if turn + 1 < cfg.turns:
             user_turns(sim, [e for bs in new_beams.values() for e in bs], cfg.sampling(cfg.user_max_new_tokens),
                        seed=seed + 1000 * turn + 500, pool=upool)
@@ -443,6 +438,7 @@ def _attempt(policy, sim, judge, live: list[Episode], nodes, pairs, rng, cfg: Se
             a_commit[key], u_assign[key] = (e.key, j), e.key
     if apool is not None:
         apool.commit(a_commit)  # the kept children's caches are the next level's beams' caches
+    if upool is not None:
         upool.assign(u_assign)
     return failed
 

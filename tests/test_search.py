@@ -16,10 +16,44 @@ from sage_jax.rollout.selfplay import trim_user_reply
 from sage_jax.search.tree import SearchConfig, run_search
 
 
-def test_user_replies_are_trimmed_after_question_or_emoticon():
+def test_user_replies_are_trimmed_as_the_reference_does():
+    """SAGE.md §4's two steps, on the examples it gives and on cases taken from the rule."""
+    # (1) statements before the first question stay, the question goes
+    assert trim_user_reply("I'm fine. Work was rough today. How about you? Anything fun?") == \
+        "I'm fine. Work was rough today."
+    assert trim_user_reply("Great! What about you?") == "Great!"
+    assert trim_user_reply("Sure. I like it :) and you?") == "Sure."
+    # (1) does not apply (no sentence end before the mark) and it does not end with a mark: unchanged
+    assert trim_user_reply("How are you? I am good.") == "How are you? I am good."
+    assert trim_user_reply("that's great :) anyway more") == "that's great :) anyway more"
+    # (2) it ends with a mark: cut right after the first one
     assert trim_user_reply("Really? I thought so. And you?") == "Really?"
-    assert trim_user_reply("that's great :) anyway more") == "that's great :)"
+    assert trim_user_reply("lol :D really? <3") == "lol :D"
     assert trim_user_reply("no question here.") == "no question here."
+    assert trim_user_reply(". ?") == ". ?"  # a bare "." keeps the untrimmed reply
+
+
+def test_user_simulator_context_is_the_references():
+    from sage_jax.rollout.selfplay import USER_OPENER, USER_PERSONA, WHO_ARE_YOU, Episode
+    from sage_jax.sac import parse_assistant_lenient
+
+    e = Episode.start("a", "I failed my exam.")
+    roles = [(m["role"], m["content"]) for m in e.user_view]
+    assert roles[0] == ("user", WHO_ARE_YOU) and roles[2] == ("user", USER_OPENER) == ("user", "How's it going?")
+    persona = parse_assistant_lenient(roles[1][1])
+    assert persona.reply.strip() == USER_PERSONA and persona.state is not None and persona.action is not None
+    assert persona.state.motivation is None and persona.action.motivation is None  # all-null prefix
+    assert roles[3] == ("assistant", "I failed my exam.")
+    e.add_assistant("{u_motivation: venting, u_emotion: sad, u_topic: [exam]} {a_motivation: asking, a_emotion: "
+                    "caring, a_topic: [exam]} Oh no. What happened?")
+    assert e.user_view[3]["content"].startswith("{u_motivation: null")  # the inferred state injected
+    assert "a_motivation: venting" in e.user_view[3]["content"]
+    # the simulator sees its own turn as trimmed (its latent prefix kept)
+    e.add_user("{u_motivation: null, u_emotion: null, u_topic: []} {a_motivation: venting, a_emotion: sad, "
+               "a_topic: [exam]} I froze. Do you ever freeze? Tell me.")
+    assert e.turns[-1].text == "I froze."
+    assert e.user_view[-1]["content"].endswith("} I froze.") and "Do you" not in e.user_view[-1]["content"]
+    assert Episode.start("a", "x", user_persona="system").user_view[0] == {"role": "system", "content": USER_PERSONA}
 
 
 def _check_outputs(out, seeds, turns, k):

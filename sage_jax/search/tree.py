@@ -96,7 +96,8 @@ class SearchConfig:
     top_p: float = 0.7
     repetition_penalty: float = 1.1
     max_new_tokens: int = 512
-    user_max_new_tokens: int = 64
+    user_max_new_tokens: int = 64  # the simulated user's reply budget (a latent prefix it writes is extra)
+    user_persona: Literal["turn", "system"] = "turn"  # turn: the reference's preamble; system: a system message
     batch_seeds: int = 8  # dialogues searched together
     template: str | None = None
     seed: int = 0
@@ -226,7 +227,7 @@ def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, 
 
     pools: from `make_pools` (made here when None and cfg.cache); turn_log: gets one record of
     cache counters per assistant turn (prefill tokens and seconds, rewinds, ...)."""
-    roots = [Episode.start(i, s) for i, s in seeds]
+    roots = [Episode.start(i, s, user_persona=cfg.user_persona) for i, s in seeds]
     nodes: dict[str, list[dict]] = {e.id: [] for e in roots}
     pairs: dict[str, list[dict]] = {e.id: [] for e in roots}
     cached = cfg.cache or cfg.branching == "latent"

@@ -1,10 +1,15 @@
 """The one way to load a model: a spec -> (ModelConfig, params, tokenizer, name).
 
 A spec is ``smollm2`` (the built-in SmolLM2-135M-Instruct), a Hugging Face model directory, or
-the output directory of a training run (``sage-jax sft``/``dpo``: its latest Orbax checkpoint, or
-``step``, with LoRA adapters merged into the base model they were trained on). Rollouts, the
-judge, evaluation, serving and export all load through here, so none of them imports the
-trainer.
+the output directory of a training run (``sage-jax sft``/``dpo``, with LoRA adapters merged into
+the base model they were trained on). Rollouts, the judge, evaluation, serving and export all
+load through here, so none of them imports the trainer.
+
+**Which checkpoint of a run.** By default the best one by validation loss when the run recorded
+one (``<run>/best.json``, written by a ``keep_best`` run: DPO by default, as the reference keeps
+its best checkpoint), else the latest; the choice and its reason are printed. A spec may name it:
+``runs/dpo@best``, ``runs/dpo@latest`` or ``runs/dpo@200`` (a step), as may ``step=`` (an int,
+``"best"`` or ``"latest"``).
 
 The run-directory part reads, read-only, what train/checkpoint.py writes under
 ``<run>/checkpoints/<step>/``: the ``config`` item (JSON: ``{"model": ModelConfig fields,
@@ -16,7 +21,9 @@ LoRA adapters), restored on its own (the optimizer state is never read). The run
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,8 +32,11 @@ import jax
 from sage_jax.model import (LoraConfig, ModelConfig, RopeConfig, grow_vocab, init_lora, load_hf, merge_lora,
                             param_shapes)
 
-# The run layout train/checkpoint.py writes (its STATE and CONFIG item names).
+# The run layout train/checkpoint.py writes (its STATE and CONFIG item names); best.json is the
+# trainer's record of the best evaluation ({"step", "metric", "value"}, keep_best runs).
 CHECKPOINTS, STATE_ITEM, CONFIG_ITEM, TOKENIZER_DIR = "checkpoints", "state", "config", "tokenizer"
+BEST_FILE = "best.json"
+CHOICES = ("best", "latest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +108,83 @@ def _manager(run_dir: Path):
     return ocp, ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None):
+def read_best(run_dir: str | os.PathLike) -> dict | None:
+    """``<run>/best.json`` (``{"step", "metric", "value"}``) or ``None`` when the run has none."""
+    path = Path(run_dir) / BEST_FILE
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+        raise ValueError(f"{path}: expected {{\"step\": int, \"metric\": ..., \"value\": ...}}, got {rec!r}")
+    return rec
+
+
+def _as_step(step: int | str | None) -> int | str | None:
+    """``None``, ``"best"``, ``"latest"`` or an int (also given as a string of digits)."""
+    if step is None or (isinstance(step, int) and not isinstance(step, bool)):
+        return step
+    if isinstance(step, str):
+        if step in CHOICES:
+            return step
+        if step.strip().isdigit():
+            return int(step)
+    raise ValueError(f"checkpoint step must be an integer, 'best' or 'latest', got {step!r}")
+
+
+def choose_step(run_dir: str | os.PathLike, steps: list[int], step: int | str | None = None,
+                *, say=None) -> int:
+    """The checkpoint step to load from a run with finished ``steps`` (ascending): ``step`` as given;
+    ``"latest"``: the newest; ``"best"``: best.json's (an error when the run recorded none);
+    ``None``: best.json's when the run recorded one and that checkpoint exists, else the newest.
+    ``say`` (default: print to stderr) gets one line naming the step and why."""
+    say = say or (lambda m: print(m, file=sys.stderr))
+    run_dir = Path(run_dir)
+    step = _as_step(step)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}/{CHECKPOINTS}: no finished checkpoint")
+    if isinstance(step, int):
+        if step not in steps:
+            raise FileNotFoundError(f"{run_dir}/{CHECKPOINTS}: no finished checkpoint for step {step} (have {steps})")
+        return step
+    if step == "latest":
+        say(f"load {run_dir}: step {steps[-1]}, the latest checkpoint (asked for latest)")
+        return steps[-1]
+    best = read_best(run_dir)
+    if best is not None and best["step"] in steps:
+        say(f"load {run_dir}: step {best['step']}, the best by validation {best.get('metric', 'loss')} "
+            f"({best.get('value')}, {BEST_FILE}); the latest is {steps[-1]}")
+        return int(best["step"])
+    if step == "best":
+        why = "it recorded none" if best is None else f"its step {best['step']} has no finished checkpoint"
+        raise FileNotFoundError(f"{run_dir}: no best checkpoint to load ({BEST_FILE}: {why}; have {steps})")
+    if best is not None:
+        say(f"load {run_dir}: step {steps[-1]}, the latest checkpoint ({BEST_FILE} names step {best['step']}, "
+            "which has no finished checkpoint)")
+    else:
+        say(f"load {run_dir}: step {steps[-1]}, the latest checkpoint (the run recorded no best)")
+    return steps[-1]
+
+
+def split_spec(spec: str | os.PathLike) -> tuple[str, int | str | None]:
+    """``runs/dpo@best`` -> (``runs/dpo``, ``"best"``); ``runs/m1@200`` -> (``runs/m1``, 200); a spec
+    without ``@``, or whose whole text is an existing path, -> (spec, None)."""
+    text = str(spec)
+    if "@" not in text or Path(text).exists():
+        return text, None
+    path, _, tail = text.rpartition("@")
+    if tail in CHOICES or tail.isdigit():
+        return path, _as_step(tail)
+    return text, None
+
+
+def load_run(run_dir: str | os.PathLike, step: int | str | None = None):
     """The model a run trained: (ModelConfig, params with LoRA merged, tokenizer dir, step).
 
+    ``step``: a checkpoint step, ``"best"``, ``"latest"`` or ``None`` (the best one when the run
+    recorded one in best.json, else the latest; see :func:`choose_step`).
     LoRA runs rebuild the base model from the run's stored ``model`` spec (its vocabulary grown to
     the trained one) and merge the adapters. Works on a directory a trainer is still writing to
     (read-only: only finished checkpoints are seen)."""
@@ -110,13 +194,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None):
     ocp, mngr = _manager(run_dir)
     try:
         steps = sorted(int(s) for s in mngr.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"{run_dir}/{CHECKPOINTS}: no finished checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif int(step) not in steps:
-            raise FileNotFoundError(f"{run_dir}/{CHECKPOINTS}: no finished checkpoint for step {step} (have {steps})")
-        step = int(step)
+        step = choose_step(run_dir, steps, step)
         if not (Path(mngr.directory) / str(step) / CONFIG_ITEM).exists():
             raise ValueError(f"{run_dir}/{CHECKPOINTS}/{step}: no run config stored with the checkpoint")
         conf = dict(mngr.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM])
@@ -150,11 +228,18 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None):
     return model_cfg, merge_lora(base, trained, lora), run_dir / TOKENIZER_DIR, step
 
 
-def load(spec: str | os.PathLike, *, step: int | None = None, dtype: str | None = None) -> Loaded:
-    """``smollm2``, an HF directory or a run directory -> :class:`Loaded` (cfg, params, tokenizer,
-    name). ``step`` picks a run's checkpoint (default: latest); ``dtype`` overrides the compute dtype."""
+def load(spec: str | os.PathLike, *, step: int | str | None = None, dtype: str | None = None) -> Loaded:
+    """``smollm2``, an HF directory or a run directory (``RUN``, ``RUN@best``, ``RUN@latest``,
+    ``RUN@STEP``) -> :class:`Loaded` (cfg, params, tokenizer, name). ``step`` picks a run's
+    checkpoint (default: the best recorded, else the latest; see :func:`choose_step`); ``dtype``
+    overrides the compute dtype."""
     from transformers import AutoTokenizer
 
+    path, at = split_spec(spec)
+    if at is not None and is_run_dir(path):
+        if step is not None and _as_step(step) != at:
+            raise ValueError(f"model {str(spec)!r}: names checkpoint {at!r} but step={step!r} was given too")
+        spec, step = path, at
     p = Path(spec)
     if is_run_dir(p):
         cfg, params, tok_dir, step = load_run(p, step)

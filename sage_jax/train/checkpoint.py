@@ -15,6 +15,8 @@ One :class:`Checkpointer` per run directory. Each step directory holds a few Orb
         tokenizer/   JSON (process 0): ``{"files": {relative name: {"text": ...} | {"base64": ...}}}``,
                      every file of the tokenizer directory, written back by
                      :meth:`Checkpointer.restore_tokenizer`.
+        metrics/     Orbax's own metrics item (only with ``keep_best``, only on steps saved with
+                     ``metrics=``): e.g. ``{"loss": 0.61}``, the validation metrics of that step.
 
 Saves are asynchronous: ``save`` returns once device arrays have been copied to host memory
 (so the next step may donate its buffers) and the write and the atomic rename of
@@ -30,6 +32,12 @@ When to save is Orbax's decision (:meth:`Checkpointer.should_save` is
 :class:`~sage_jax.train.preemption.PreemptionGuard` is given, its SIGTERM hook (see there).
 Every host must call ``save``/``restore`` with the same step (they are collectives); every
 policy decides the same way on every host.
+
+Which checkpoints survive is Orbax's preservation policy: ``LatestN(keep)`` and, with
+``keep_best`` (the reference DPO recipe keeps its best checkpoint by validation loss), also
+``BestN(n=1)`` over the steps saved with ``metrics=`` (Orbax's ``metrics`` item, committed with
+the step), so the best one is kept however many newer ones follow. :meth:`Checkpointer.best`
+reads those metrics back (it works on any directory, read-only too).
 """
 
 from __future__ import annotations
@@ -185,6 +193,10 @@ class Checkpointer:
       preemption: a :class:`~sage_jax.train.preemption.PreemptionGuard` whose SIGTERM hook
         feeds :meth:`should_save` (Orbax's own preemption policy only sees JAX's multi-host
         preemption sync point, never a plain SIGTERM to a single process).
+      keep_best: also keep, beyond the ``keep`` latest, the step with the lowest ``best_metric``
+        among the steps saved with ``metrics=`` (Orbax ``BestN(n=1)``; the metrics are written
+        with the step, so the choice survives a restart).
+      best_metric: the key of ``metrics`` that ranks checkpoints (lower is better).
     """
 
     def __init__(
@@ -196,6 +208,8 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
         preemption: "PreemptionGuard | None" = None,
+        keep_best: bool = False,
+        best_metric: str = "loss",
     ):
         if save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {save_every}")
@@ -207,6 +221,8 @@ class Checkpointer:
         self.keep = keep
         self.async_save = bool(async_save)
         self.read_only = bool(read_only)
+        self.keep_best = bool(keep_best)
+        self.best_metric = str(best_metric)
         self._tokenizer_cache: tuple[Any, dict] | None = None
         self._closed = False
         cm = ocp.checkpoint_managers
@@ -218,9 +234,21 @@ class Checkpointer:
         policies.append(cm.PreemptionCheckpointingPolicy())
         if preemption is not None:
             policies.append(preemption.save_policy())
+        preserve: Any = cm.LatestN(n=keep)
+        best_fn = None
+        if self.keep_best:
+            metric = self.best_metric
+            best_fn = lambda m: float(m[metric])  # noqa: E731
+            # reverse=True sorts descending, so BestN's "last n" are the lowest values.
+            preserve = cm.AnyPreservationPolicy([preserve, cm.BestN(
+                get_metric_fn=best_fn, reverse=True, n=1, keep_checkpoints_without_metrics=False)])
+            _quiet_missing_metrics_warning()
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=cm.AnySavePolicy(policies),
-            preservation_policy=cm.LatestN(n=keep),
+            preservation_policy=preserve,
+            # Orbax writes a step's metrics item only when best_fn is set; ranking is the policy's.
+            best_fn=best_fn,
+            best_mode="min",
             enable_async_checkpointing=self.async_save,
             read_only=self.read_only,
             create=not self.read_only,
@@ -243,6 +271,19 @@ class Checkpointer:
         if self.read_only:
             self._mngr.reload()
         return self._mngr.latest_step()
+
+    def best(self) -> tuple[int, float] | None:
+        """``(step, value)`` of the finalised step with the lowest ``best_metric`` among those saved
+        with ``metrics=`` (ties: the earlier step), or ``None`` when no step has it."""
+        found = []
+        for s in self.all_steps():
+            m = self._mngr.metrics(s)
+            if isinstance(m, Mapping) and self.best_metric in m:
+                found.append((float(m[self.best_metric]), s))
+        if not found:
+            return None
+        value, step = min(found)
+        return step, value
 
     def should_save(self, step: int) -> bool:
         """Whether to save at ``step`` (> 0, newer than the latest checkpoint): Orbax's
@@ -275,8 +316,12 @@ class Checkpointer:
         config: Mapping[str, Any] | None = None,
         tokenizer_dir: str | os.PathLike | None = None,
         force: bool = False,
+        metrics: Mapping[str, float] | None = None,
     ) -> bool:
         """Save ``step`` if the schedule says so (or ``force``); returns whether a save started.
+
+        ``metrics`` (with ``keep_best``): this step's validation metrics, written with the step
+        (Orbax's ``metrics`` item) and ranked by the preservation policy.
 
         Call on every host with the same arguments except ``data_iter`` (each host's own Grain
         iterator, ``grain.DatasetIterator`` or ``grain.DataLoaderIterator``: its state is taken
@@ -325,7 +370,13 @@ class Checkpointer:
         items[META] = ocp.args.JsonSave(meta)
 
         t0 = time.perf_counter()
-        saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        if metrics is not None:
+            if not self.keep_best:
+                raise ValueError("metrics= needs a Checkpointer with keep_best=True")
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if self.best_metric not in metrics:
+                raise ValueError(f"metrics must contain {self.best_metric!r}, got {sorted(metrics)}")
+        saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True, metrics=metrics)
         log.info("checkpoint step %d %s in %.3fs (blocking part)", step,
                  "started" if self.async_save else "written", time.perf_counter() - t0)
         return bool(saved)
@@ -454,6 +505,23 @@ class Checkpointer:
         if files is None:
             raise FileNotFoundError(f"checkpoint step {step} in {self.directory} has no tokenizer")
         return write_dir_files(files, out_dir)
+
+
+class _DropMissingMetrics(logging.Filter):
+    """Orbax warns on every save without metrics once ``best_fn`` is set; here only eval steps
+    carry metrics by design, so that warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in str(record.msg)
+
+
+_FILTER = _DropMissingMetrics()
+
+
+def _quiet_missing_metrics_warning() -> None:
+    absl_logger = logging.getLogger("absl")
+    if _FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_FILTER)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -16,7 +16,7 @@ class ExportConfig:
 
     run_dir: str | None = None  # the output_dir of a sft/dpo run (required)
     output: str | None = None  # HF directory to write (required)
-    step: int | None = None  # checkpoint step (default: latest)
+    step: int | str | None = None  # a checkpoint step, best or latest (default: best.json's step if the run recorded one, else latest)
 
 
 def export_hf(cfg: ExportConfig) -> int:
@@ -51,6 +51,7 @@ def register(sub) -> None:
                        example="model.path=runs/m3_hf 'train_files=[runs/search/pairs.jsonl]' output_dir=runs/dpo "
                                "dpo.beta=0.1")
     add_config_command(sub, "export-hf", "sage_jax.train.cli:ExportConfig:export_hf",
-                       help="export a training run's checkpoint (LoRA merged) to an HF directory",
+                       help="export a training run's checkpoint (LoRA merged) to an HF directory (default: "
+                            "its best checkpoint when it recorded one, else its latest)",
                        example="runs/m1 -o runs/m1_hf step=200", positionals=["run_dir RUN_DIR"],
                        flags={"-o --output": "output OUT", "--step": "step N"})

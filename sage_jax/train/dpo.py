@@ -5,7 +5,11 @@
 Chosen and rejected run in one forward; reference log-probs come from the frozen starting model
 (the LoRA base, or the initial weights for full fine-tuning), computed once before training and
 cached in output_dir. Defaults: sigmoid loss, beta 0.1, ftx 1.0, LoRA q/v r=8, lr 1e-5 cosine
-with 20 warmup steps, 3 epochs, batch 8 pairs per device (paper), max length 4096.
+with 20 warmup steps, 3 epochs, batch 8 pairs per device (paper), max length 4096, evaluation every
+100 steps keeping the best checkpoint by validation loss (``keep_best``: ``best.json``, restored by
+the run-directory loader, so export, search, eval and the loop use it). Pairs are not packed (one
+pair per row), so ``batch_size`` counts pairs and an epoch is ceil(pairs / batch_size) steps, as in
+the reference.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class DPORunConfig(TrainRunConfig):
     batch_size: int = 64  # global pairs per optimizer step (8 per device x 8 devices in the paper)
     dpo: DPOConfig = DPOConfig()
     optim: steps.OptimConfig = steps.OptimConfig(learning_rate=1e-5, warmup_steps=20)
+    keep_best: bool = True  # the reference keeps the best checkpoint by validation loss
 
 
 def _row(dialogue, tokenizer, template, seq_len, latent_tokens) -> dict | None:
@@ -169,6 +174,7 @@ def run_dpo(cfg: DPORunConfig) -> dict:
         raise ValueError(f"dpo: batch_size={cfg.batch_size} must be divisible by hosts*grad_accum_steps")
     host_batch = cfg.batch_size // hosts
     micro = host_batch // accum
+    steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_x) / cfg.batch_size))
 
     spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
@@ -194,13 +200,16 @@ def run_dpo(cfg: DPORunConfig) -> dict:
     run_config = {"kind": "dpo", "run": to_dict(cfg), "model": dataclasses.asdict(model_cfg),
                   "base_model": str(cfg.model.path)}
     n_params = num_params(params)
-    print(f"dpo: {len(train_x)} train / {len(eval_x)} eval pairs, {total} steps of {cfg.batch_size} pairs, "
+    best_note = ", keeping the best by validation loss" if cfg.keep_best and evaluate is not None else ""
+    print(f"dpo: {len(train_x)} train / {len(eval_x)} eval pairs, {steps_per_epoch} steps/epoch; {total} steps of "
+          f"{cfg.batch_size} pairs{best_note}, "
           f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}", file=sys.stderr)
     state, result = train_loop(
         output_dir=out, state=state, frozen=frozen, step_fn=step_fn, batches=pair_iterator(train_x, host_batch, cfg.seed),
         to_device=to_device, total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every,
         save_every=cfg.save_every, keep=cfg.keep, run_config=run_config, tokenizer_dir=str(run.tokenizer_dir),
         tokens_in=lambda b: int(np.count_nonzero(b["chosen"]["segment_ids"]) + np.count_nonzero(b["rejected"]["segment_ids"])),
-        flops_per_token=6 * n_params, tensorboard=cfg.tensorboard, log_every=cfg.log_every)
-    return {"steps": result.step, "preempted": result.preempted, "evals": result.evals,
+        flops_per_token=6 * n_params, tensorboard=cfg.tensorboard, log_every=cfg.log_every, keep_best=cfg.keep_best)
+    return {"steps": result.step, "preempted": result.preempted, "evals": result.evals, "best": result.best,
+            "steps_per_epoch": steps_per_epoch,
             "checkpoints": str(out / "checkpoints"), "metrics": str(out / "logs" / "metrics.jsonl")}

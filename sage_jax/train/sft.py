@@ -5,7 +5,16 @@
 Data: SAC JSONL -> chat messages (latents rendered into assistant turns) -> the chat template with
 an exact assistant-only loss mask -> packed rows (Grain, sharded per host, resumable). Defaults are
 the paper's recipe: LoRA r=8, alpha=16 on q_proj/v_proj, AdamW lr 5e-5 cosine, 3 epochs, global
-batch 256, max length 2048, 1% held out for validation.
+batch 256 dialogues, max length 2048, 1% held out for validation.
+
+**Batch unit.** The reference's global batch is 256 *dialogues* per optimizer step, so an epoch is
+ceil(dialogues / 256) steps. Packing puts several dialogues in a row, so ``batch_unit=dialogues``
+(the default) keeps the reference's step count: the rows per step are fixed once up front at
+ceil(packed rows per epoch / steps per epoch) (rounded up to a multiple of hosts x grad_accum_steps;
+the step compiles once), packed with as many first-fit bins per host as dialogues per host step,
+so a step holds about ``batch_size`` dialogues (exactly on average over an epoch). The startup line
+states the plan. ``batch_unit=rows`` (ours before) makes ``batch_size`` packed rows per step: far
+fewer steps per epoch when rows hold several dialogues.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from typing import Literal
 
 import jax
 import numpy as np
@@ -40,7 +50,7 @@ class TrainRunConfig:
     template: str | None = None  # None: the model's own chat template; or "mistral", "llama3", "chatml"
     output_dir: str = "runs/sft"
     seq_len: int = 2048
-    batch_size: int = 256  # global packed rows per optimizer step (all hosts, all micro-batches)
+    batch_size: int = 256  # global batch per optimizer step (all hosts, all micro-batches); sft: in batch_unit
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs
     optim: steps.OptimConfig = steps.OptimConfig()
@@ -54,11 +64,65 @@ class TrainRunConfig:
     vocab_chunk: int = 8192
     tensorboard: bool = True
     strict_data: bool = False  # stop at the first malformed record instead of skipping it
+    # Also checkpoint every new best validation loss (evaluations after step 0), keep it beyond
+    # `keep`, record it in <output_dir>/best.json; the run-dir loader then restores it by default.
+    keep_best: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig(TrainRunConfig):
     """SFT on SAC dialogues (`train_files`: SAC JSONL)."""
+
+    # "dialogues" (the reference): batch_size dialogues per step, ceil(dialogues / batch_size)
+    # steps per epoch; "rows": batch_size packed rows per step.
+    batch_unit: Literal["dialogues", "rows"] = "dialogues"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How an SFT run's epoch maps onto optimizer steps (see the module docstring)."""
+
+    unit: str  # "dialogues" | "rows"
+    batch_size: int  # as configured, in `unit`
+    dialogues: int  # training examples (dialogues kept after tokenization)
+    rows_per_epoch: int  # packed rows of one pass over them (with `packing_bins` bins per host)
+    steps_per_epoch: int
+    rows_per_step: int  # global packed rows per optimizer step (fixed: the step compiles once)
+    packing_bins: int  # first-fit bins per host
+
+    def describe(self) -> str:
+        if self.unit == "dialogues":
+            return (f"{self.steps_per_epoch} steps/epoch of {self.batch_size} dialogues "
+                    f"(~{self.dialogues / max(self.steps_per_epoch, 1):.1f} each; {self.rows_per_step} packed rows per step)")
+        return f"{self.steps_per_epoch} steps/epoch of {self.rows_per_step} packed rows"
+
+
+def plan_steps(examples, seq_len: int, batch_size: int, unit: str = "dialogues", *, hosts: int = 1,
+               accum: int = 1) -> StepPlan:
+    """Steps per epoch and rows per step for ``examples`` (tokenized dialogues).
+
+    ``dialogues``: ceil(len(examples) / batch_size) steps per epoch; rows per step = ceil(packed rows
+    per epoch / steps per epoch), rounded up to a multiple of ``hosts * accum``; packed with
+    ceil(batch_size / hosts) bins per host. ``rows``: batch_size rows per step (a multiple of
+    ``hosts * accum``), packed rows per epoch // batch_size steps per epoch (at least 1)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    multiple = hosts * accum
+    if unit == "rows":
+        if batch_size % multiple:
+            raise ValueError(f"sft: batch_size={batch_size} rows must be divisible by hosts*grad_accum_steps={multiple}")
+        bins = max(batch_size // hosts, 1)
+        rows = len(pack_examples(examples, seq_len, num_packing_bins=bins))
+        return StepPlan(unit, batch_size, len(examples), rows, max(1, rows // batch_size), batch_size, bins)
+    if unit != "dialogues":
+        raise ValueError(f"batch_unit must be 'dialogues' or 'rows', got {unit!r}")
+    n = len(examples)
+    spe = max(1, math.ceil(n / batch_size))
+    bins = max(1, math.ceil(batch_size / hosts))
+    rows = len(pack_examples(examples, seq_len, num_packing_bins=bins))
+    per_step = max(1, math.ceil(rows / spe))
+    per_step = math.ceil(per_step / multiple) * multiple
+    return StepPlan(unit, batch_size, n, rows, spe, per_step, bins)
 
 
 def make_evaluator(spec: steps.StepSpec, frozen, rows: list[dict], batch_rows: int, mesh):
@@ -105,18 +169,16 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     accum = cfg.optim.grad_accum_steps
     hosts = jax.process_count()
-    if cfg.batch_size % (hosts * accum):
-        raise ValueError(f"sft: batch_size={cfg.batch_size} must be divisible by hosts*grad_accum_steps={hosts * accum}")
-    host_rows = cfg.batch_size // hosts
-    rows_per_epoch = len(pack_examples(train_ex, cfg.seq_len, num_packing_bins=max(host_rows, 1)))
-    steps_per_epoch = max(1, rows_per_epoch // cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    plan = plan_steps(train_ex, cfg.seq_len, cfg.batch_size, cfg.batch_unit, hosts=hosts, accum=accum)
+    host_rows = plan.rows_per_step // hosts
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
 
     spec = steps.StepSpec(model_cfg, lora=cfg.lora, vocab_chunk=cfg.vocab_chunk)
     tx = steps.make_optimizer(cfg.optim, total)
     state, s_shard, frozen, f_shard = init_train_state(spec, tx, params, cfg.seed, mesh)
 
-    data_cfg = DataConfig(seq_len=cfg.seq_len, batch_size=host_rows, seed=cfg.seed, num_epochs=None)
+    data_cfg = DataConfig(seq_len=cfg.seq_len, batch_size=host_rows, seed=cfg.seed, num_epochs=None,
+                          num_packing_bins=plan.packing_bins)
     batches = make_iterator(train_ex, data_cfg)
     micro = host_rows // accum
     example = {k: np.zeros((accum, micro * hosts, cfg.seq_len), v) for k, v in
@@ -136,15 +198,19 @@ def run_sft(cfg: SFTConfig) -> dict:
                   "base_model": str(cfg.model.path)}
     n_params = num_params(params)
     flops = 6 * n_params  # per trained token (forward + backward), attention ignored
-    print(f"sft: {len(train_ex)} train / {len(eval_ex)} eval dialogues, {rows_per_epoch} rows/epoch, "
-          f"{total} steps of {cfg.batch_size} rows x {cfg.seq_len} tokens, {n_params / 1e6:.1f}M params, "
-          f"mesh {dict(mesh.shape)}", file=sys.stderr)
+    print(f"sft: {len(train_ex)} train / {len(eval_ex)} eval dialogues, {plan.rows_per_epoch} packed rows/epoch, "
+          f"batch_unit={cfg.batch_unit}: {plan.describe()}; {total} steps"
+          f"{' (max_steps)' if cfg.max_steps else f' ({cfg.epochs:g} epochs)'} of {plan.rows_per_step} rows x "
+          f"{cfg.seq_len} tokens, {n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}", file=sys.stderr)
     state, result = train_loop(
         output_dir=out, state=state, frozen=frozen, step_fn=step_fn, batches=batches, to_device=to_device,
         total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every, save_every=cfg.save_every, keep=cfg.keep,
         run_config=run_config, tokenizer_dir=str(run.tokenizer_dir), tensorboard=cfg.tensorboard,
-        tokens_in=lambda b: int(np.count_nonzero(b["segment_ids"])), flops_per_token=flops, log_every=cfg.log_every)
+        tokens_in=lambda b: int(np.count_nonzero(b["segment_ids"])), flops_per_token=flops, log_every=cfg.log_every,
+        keep_best=cfg.keep_best)
     summary = {"steps": result.step, "preempted": result.preempted, "evals": result.evals,
+               "steps_per_epoch": plan.steps_per_epoch, "rows_per_step": plan.rows_per_step,
+               "batch_unit": cfg.batch_unit, "best": result.best,
                "checkpoints": str(out / "checkpoints"), "metrics": str(out / "logs" / "metrics.jsonl")}
     if result.evals:
         first, last = result.evals[0], result.evals[-1]

@@ -3,8 +3,15 @@
     state <- restore latest checkpoint (params/adapters, optimizer, step, RNG, data iterator) or init
     for step in [start, total):
         batch -> global arrays on the mesh -> jit step (donated state) -> metrics (fetched lazily)
-        every eval_every: evaluate; every save_every or on SIGTERM: checkpoint (async)
-    final checkpoint, wait for it, close.
+        every eval_every: evaluate (keep_best: a new best validation loss is checkpointed with its
+        metrics and recorded in best.json); every save_every or on SIGTERM: checkpoint (async)
+    final evaluation and checkpoint, wait for it, close.
+
+``best.json`` (``keep_best``) is ``{"step", "metric", "value"}`` of the best evaluation so far
+(steps > 0), written atomically once that checkpoint is committed; Orbax keeps that step beyond
+the ``keep`` latest (:class:`~sage_jax.train.checkpoint.Checkpointer`) and the run-directory
+loader restores it by default. On resume the best so far is read back from the checkpoints'
+own metrics, so a kill between the commit and ``best.json`` loses nothing.
 
 Every host makes the same decisions (step counts and the preemption flag are shared), only
 process 0 writes metrics and JSON items.
@@ -14,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from sage_jax.model.config import ModelConfig
-from sage_jax.model.loader import ModelSpec, load_base
+from sage_jax.model.loader import BEST_FILE, ModelSpec, load_base
 from sage_jax.train.checkpoint import Checkpointer, abstract_like
 from sage_jax.progress import progress
 from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info
@@ -94,6 +104,18 @@ class LoopResult:
     last_metrics: dict
     evals: list[dict]
     preempted: bool
+    best: dict | None = None  # best.json's content (keep_best), else None
+
+
+def write_best(output_dir: Path, step: int, metric: str, value: float) -> dict:
+    """``<output_dir>/best.json`` = ``{"step", "metric", "value"}``, replaced atomically (process 0)."""
+    rec = {"step": int(step), "metric": metric, "value": float(value)}
+    if jax.process_index() == 0:
+        path = Path(output_dir) / BEST_FILE
+        tmp = path.with_name(f".{BEST_FILE}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+    return rec
 
 
 def train_loop(
@@ -115,34 +137,60 @@ def train_loop(
     flops_per_token: float,
     tensorboard: bool = True,
     log_every: int = 1,
+    keep_best: bool = False,
+    best_metric: str = "loss",
 ) -> tuple[dict, LoopResult]:
-    """Run (or resume) a training loop; returns the final state and a summary."""
+    """Run (or resume) a training loop; returns the final state and a summary.
+
+    ``keep_best``: at every evaluation after step 0, a validation ``best_metric`` lower than any
+    before is checkpointed (with its metrics) and recorded in ``best.json``; that checkpoint is
+    kept beyond the ``keep`` latest."""
     data_iter = batches if hasattr(batches, "get_state") else None  # a Grain iterator: checkpointed by Grain
     guard = PreemptionGuard()
-    ckpt = Checkpointer(output_dir / "checkpoints", save_every=save_every, keep=keep, preemption=guard)
+    ckpt = Checkpointer(output_dir / "checkpoints", save_every=save_every, keep=keep, preemption=guard,
+                        keep_best=keep_best, best_metric=best_metric)
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(abstract_like(state), latest, data_iter=data_iter).state
         start = latest
+    best: dict | None = None
+    if keep_best:
+        found = ckpt.best()  # from the checkpoints' own metrics: survives a kill before best.json
+        if found is not None:
+            best = write_best(output_dir, found[0], best_metric, found[1])
+        elif jax.process_index() == 0:
+            (output_dir / BEST_FILE).unlink(missing_ok=True)  # names no checkpoint of this run
     metrics = MetricsWriter(output_dir / "logs", tensorboard=tensorboard, resume_step=start if latest else None)
     peak, peak_label = peak_flops_info()
     peak *= jax.device_count()
     evals: list[dict] = []
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int) -> dict | None:
         if evaluate is None:
-            return
+            return None
         result = {"step": step, **evaluate(state)}
         evals.append(result)
         metrics.write(step, {f"eval/{k}": v for k, v in result.items() if k != "step"})
         if jax.process_index() == 0:
             with open(output_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
+        return result
 
-    def save(step: int, force: bool = False) -> None:
-        ckpt.save(step, state=state, data_iter=data_iter, config=run_config, tokenizer_dir=tokenizer_dir,
-                  force=force)
+    def save(step: int, force: bool = False, result: dict | None = None) -> None:
+        nonlocal best
+        value = None if result is None else result.get(best_metric)
+        is_best = (keep_best and step > 0 and value is not None and math.isfinite(float(value))
+                   and (best is None or float(value) < best["value"]))
+        vals = {k: float(v) for k, v in result.items() if k != "step"} if is_best else None
+        saved = ckpt.save(step, state=state, data_iter=data_iter, config=run_config, tokenizer_dir=tokenizer_dir,
+                          force=force or is_best, metrics=vals)
+        if is_best and saved:
+            ckpt.wait()  # best.json names only committed checkpoints
+            best = write_best(output_dir, step, best_metric, float(value))
+            if jax.process_index() == 0:
+                print(f"train: step {step}: best validation {best_metric} so far ({float(value):.4f}), "
+                      f"checkpoint kept ({output_dir / BEST_FILE})", file=sys.stderr)
 
     if start == 0:
         run_eval(0)
@@ -167,19 +215,21 @@ def train_loop(
                 metrics.write(done, m)
                 last = metrics.last or {}
                 bar.update(done - bar.n, postfix={k: last[k] for k in ("loss", "tokens_per_s") if k in last})
-            if eval_every and done % eval_every == 0 and done != total_steps:
-                run_eval(done)
-            save(done)  # if Orbax's policies say so: every save_every steps, or a preemption (SIGTERM)
+            if done == total_steps:
+                break  # the final evaluation and checkpoint follow the loop
+            result = run_eval(done) if eval_every and done % eval_every == 0 else None
+            # If Orbax's policies say so (every save_every steps, or a preemption: SIGTERM), or a
+            # new best validation loss (keep_best).
+            save(done, result=result)
             if guard.should_stop(done):  # saved just above
                 preempted = True
                 break
     bar.close()
     if not preempted and start < total_steps:
-        run_eval(total_steps)
-        save(total_steps, force=True)
+        save(total_steps, force=True, result=run_eval(total_steps))
     ckpt.wait()
     ckpt.close()
     metrics.flush()
     last = dict(metrics.last or {})
     metrics.close()
-    return state, LoopResult(step=done, last_metrics=last, evals=evals, preempted=preempted)
+    return state, LoopResult(step=done, last_metrics=last, evals=evals, preempted=preempted, best=best)

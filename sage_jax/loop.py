@@ -1,12 +1,15 @@
 """The SAGE self-improvement loop (SAGE.md §3-5):
 
-    m1 = SFT(base, SAC data)
+    m1 = SFT(base, SAC data, blended: each dialogue cut to an even number of turns + the turns of
+                2 other random dialogues, SAGE.md §2; blend_m1=false trains on the data as given)
     for r in 1..rounds:  search with m_r (judge picks branches) -> m_{r+1} = SFT(m_r, selected dialogues)
     pairs = search with the last model;  final = DPO(last model, pairs)
 
 Each stage writes into its own folder under output_dir and records itself in lineage.json (inputs,
 outputs, parent model, config) when done; a rerun skips finished stages, and the stage runners
-themselves resume mid-stage (SFT/DPO from checkpoints, search per seed).
+themselves resume mid-stage (SFT/DPO from checkpoints, search per seed). A stage's model is exported
+from its run's best checkpoint when the run recorded one (DPO keeps its best by validation loss),
+else its latest (:func:`sage_jax.model.loader.choose_step`); later stages load that export.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def _sample_files() -> tuple[str, ...]:
 class LoopConfig:
     base_model: str = "smollm2"
     sac_files: tuple[str, ...] = ()  # empty: the shipped sample (ED + ESConv)
+    # m1 trains on a blended copy of sac_files (written to <output_dir>/m1/train_blended.jsonl,
+    # seed sft.seed), as the reference does; false: on sac_files as they are.
+    blend_m1: bool = True
     output_dir: str = "runs/loop"
     rounds: int = 2  # search + fine-tune rounds after m1 (the paper: m2, m3)
     dpo: bool = True
@@ -64,13 +70,29 @@ class Lineage:
 
 
 def export_model(run_dir: Path, out: Path) -> Path:
-    """Merge a run's latest checkpoint into a plain HF directory (the next stage's base)."""
+    """Merge a run's checkpoint (its best when it recorded one, else its latest) into a plain HF
+    directory (the next stage's base)."""
     from transformers import AutoTokenizer
 
     from sage_jax.model import save_hf
 
     cfg, params, tok_dir, _ = load_run(run_dir)
     return save_hf(out, cfg, params, tokenizer=AutoTokenizer.from_pretrained(tok_dir))
+
+
+M1_BLENDED = "train_blended.jsonl"
+
+
+def blend_m1_data(files, run_dir: Path, seed: int, log: Callable[[str], None]) -> tuple[Path, dict]:
+    """The blended copy of ``files`` that m1 trains on, written into m1's run directory (the same
+    file for the same inputs and seed, so a resumed m1 reads the same data)."""
+    from sage_jax.data.mix import blend_files
+
+    path = run_dir / M1_BLENDED
+    report = blend_files(list(files), path, seed=seed)
+    log(f"loop: m1 data blended -> {path}\n{report.summary()}")
+    return path, {"blended": True, "sources": [str(f) for f in files], "dialogues": report.total,
+                  "too_short_to_blend": report.dropped_by_blend, "seed": seed}
 
 
 def run_loop(cfg: LoopConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
@@ -86,13 +108,17 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = lambda m: print(m, fi
         log(f"loop: {name} ...")
         return lineage.record(name, **fn())
 
-    def sft_stage(name: str, template: SFTConfig, model: str, files) -> dict:
+    def sft_stage(name: str, template: SFTConfig, model: str, files, blend: bool = False) -> dict:
         def fn():
+            data, extra = list(files), {}
+            if blend:
+                path, extra["blend"] = blend_m1_data(files, out / name, template.seed, log)
+                data = [str(path)]
             c = dataclasses.replace(template, model=dataclasses.replace(template.model, path=model),
-                                    train_files=tuple(files), output_dir=str(out / name))
+                                    train_files=tuple(data), output_dir=str(out / name))
             summary = run_sft(c)
             hf = export_model(out / name, out / f"{name}_hf")
-            return {"kind": "sft", "parent": model, "data": list(files), "model": str(hf), "run": str(out / name),
+            return {"kind": "sft", "parent": model, "data": data, **extra, "model": str(hf), "run": str(out / name),
                     "evals": summary["evals"], "config": to_dict(c)}
         return stage(name, fn)
 
@@ -104,7 +130,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = lambda m: print(m, fi
                     "pairs": str(out / name / "pairs.jsonl"), "summary": summary, "config": to_dict(c)}
         return stage(name, fn)
 
-    m = sft_stage("m1", cfg.sft, cfg.base_model, sac)
+    m = sft_stage("m1", cfg.sft, cfg.base_model, sac, blend=cfg.blend_m1)
     for r in range(1, cfg.rounds + 1):
         s = search_stage(f"search{r}", m["run"])
         m = sft_stage(f"m{r + 1}", cfg.round_sft, m["model"], [s["sft_data"]])

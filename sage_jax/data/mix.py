@@ -31,7 +31,8 @@ from sage_jax.config import ConfigError, _LineDict, from_dict, load_yaml_lines
 from sage_jax.data.jsonl import ReadReport, iter_sac
 from sage_jax.sac import Dialogue, Schema, Turn, check_dialogue
 
-__all__ = ["MixSource", "MixSpec", "SourceReport", "MixReport", "load_mix_spec", "mix", "blend", "cut_even"]
+__all__ = ["MixSource", "MixSpec", "SourceReport", "MixReport", "load_mix_spec", "mix", "blend", "cut_even",
+           "blend_files"]
 
 SAMPLE_PREFIX = "sample:"
 
@@ -182,3 +183,16 @@ def mix(spec: Mapping[str, MixSource], *, seed: int = 0, blend_dialogues: bool =
         report.blended = True
     report.total = len(out)
     return out, report
+
+
+def blend_files(files: Sequence[str | os.PathLike], output: str | os.PathLike, *, seed: int = 0,
+                strict: bool = False) -> MixReport:
+    """Every valid dialogue of the SAC ``files``, shuffled under ``seed`` and blended (see :func:`blend`),
+    written to ``output`` (SAC JSONL, replaced atomically). The loop's m1 training data (SAGE.md §2)."""
+    from sage_jax.data.jsonl import write_sac
+
+    names = [f"{i}:{Path(f).stem}" for i, f in enumerate(files)]
+    spec = {name: MixSource(str(f)) for name, f in zip(names, files)}
+    dialogues, report = mix(spec, seed=seed, blend_dialogues=True, strict=strict, progress=False)
+    write_sac(output, dialogues)
+    return report

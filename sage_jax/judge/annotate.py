@@ -13,6 +13,13 @@ null labels; a list of string topics; no unknown keys; values inside the schema'
 vocabularies) and raises :class:`AnnotationError` otherwise. Failures are resampled (try t uses
 seed ``seed + t``) up to ``tries`` times, then reported with their reason and skipped.
 
+**Light rewrites and bridging questions** (``allow_rewrite``, the default, as the reference
+annotator): the prompt lets the annotator lightly rewrite an utterance for readability and asks
+it to append a short bridging question to an assistant utterance that does not end with one; an
+entry's optional ``"text"`` replaces the utterance, and ``meta["rewritten"]`` lists the 1-based
+numbers of the utterances that changed. The ``rules:`` annotator appends such a question (its
+only rewrite). ``allow_rewrite=False``: labels only, ``"text"`` is an error.
+
 **Where the user state goes.** Each user utterance's labels become that user turn's ``state``,
 each assistant utterance's labels its ``action`` (DESIGN.md §3 keeps them as structured fields on
 the turns). The paper's "move the user state into the next assistant turn" is done by the
@@ -163,7 +170,7 @@ def _annotate_batch(judge: Judge, dialogues: Sequence[Dialogue], *, tries: int, 
         try:
             if not as_turns(d, schema):
                 raise ValueError("no turn to annotate")
-            prompts[i] = annotation_prompt(d, schema=schema, example=example)
+            prompts[i] = annotation_prompt(d, schema=schema, example=example, allow_rewrite=allow_rewrite)
         except (ValueError, TypeError) as e:
             out[i] = AnnotationFailure(d.id, f"cannot build the prompt: {e}", 0)
     pending = sorted(prompts)
@@ -187,7 +194,11 @@ def _annotate_batch(judge: Judge, dialogues: Sequence[Dialogue], *, tries: int, 
                 last[i] = (f"malformed annotation: {e}", c.text)
                 still.append(i)
                 continue
-            out[i] = d.replace(meta={**d.meta, "annotator": judge.name})
+            meta = {**d.meta, "annotator": judge.name}
+            changed = [n for n, (a, b) in enumerate(zip(dialogues[i].turns, d.turns), 1) if a.text != b.text]
+            if changed:
+                meta["rewritten"] = changed
+            out[i] = d.replace(meta=meta)
         pending = still
     for i in pending:
         reason, raw = last[i]
@@ -197,11 +208,12 @@ def _annotate_batch(judge: Judge, dialogues: Sequence[Dialogue], *, tries: int, 
 
 def annotate_dialogues(judge: Judge, dialogues: Sequence[Dialogue], *, tries: int = 3,
                        schema: Schema = DEFAULT_SCHEMA, temperature: float = 0.8, max_tokens: int = 2048,
-                       seed: int = 0, example: bool = True, allow_rewrite: bool = False
+                       seed: int = 0, example: bool = True, allow_rewrite: bool = True
                        ) -> tuple[list[Dialogue], list[AnnotationFailure]]:
     """Annotate dialogues in one batch per try; returns (annotated, failures), input order kept in each.
 
-    Defaults follow the reference annotator (temperature 0.8, 2048 tokens, one in-context example).
+    Defaults follow the reference annotator (temperature 0.8, 2048 tokens, one in-context example,
+    light rewrites and bridging questions allowed).
     """
     res = _annotate_batch(judge, list(dialogues), tries=tries, schema=schema, temperature=temperature,
                           max_tokens=max_tokens, seed=seed, example=example, allow_rewrite=allow_rewrite)
@@ -225,7 +237,7 @@ def iter_annotate(judge: Judge, dialogues: Iterable[Dialogue], *, chunk_size: in
 
 def _defaults(kw: dict[str, Any]) -> dict[str, Any]:
     d = {"tries": 3, "schema": DEFAULT_SCHEMA, "temperature": 0.8, "max_tokens": 2048, "seed": 0, "example": True,
-         "allow_rewrite": False}
+         "allow_rewrite": True}
     unknown = set(kw) - set(d)
     if unknown:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")

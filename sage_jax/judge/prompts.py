@@ -206,9 +206,17 @@ def _label_sets(schema: Schema) -> list[str]:
     return out
 
 
-def annotation_prompt(dialogue: Context, *, schema: Schema = DEFAULT_SCHEMA, example: bool = True) -> str:
+_REWRITE = "Rewriting"  # the section that allows rewrites (parse_prompt reads its presence back)
+
+
+def annotation_prompt(dialogue: Context, *, schema: Schema = DEFAULT_SCHEMA, example: bool = True,
+                      allow_rewrite: bool = True) -> str:
     """The whole-dialogue annotation prompt (SAGE.md §2); the answer is parsed by
-    :func:`sage_jax.judge.annotate.parse_annotation`."""
+    :func:`sage_jax.judge.annotate.parse_annotation`.
+
+    ``allow_rewrite`` (the reference annotator): the annotator may lightly rewrite an utterance for
+    readability and must append a short bridging question to an assistant utterance that does not
+    end with one, giving the new utterance as the entry's ``"text"``; otherwise only labels."""
     turns = as_turns(dialogue, schema)
     if not turns:
         raise ValueError("annotation_prompt: the dialogue has no user or assistant turn")
@@ -225,12 +233,20 @@ def annotation_prompt(dialogue: Context, *, schema: Schema = DEFAULT_SCHEMA, exa
         ex_turns = ANNOTATION_EXAMPLE["turns"]
         lines += [f"### {_EXAMPLE}", *_turn_lines(ex_turns, numbered=True), "",
                   f"### {_EXAMPLE_OUT}", _annotation_json(ex_turns, ANNOTATION_EXAMPLE["labels"]), ""]
+    if allow_rewrite:
+        lines += [f"### {_REWRITE}",
+                  "You may lightly rewrite an utterance for readability (typos, awkward phrasing), keeping its "
+                  "meaning, speaker and tone. When an assistant utterance does not end with a question, append a "
+                  "short bridging question that invites the user to keep talking. Give the whole new utterance "
+                  'as "text" in its entry; leave "text" out for an utterance you keep as it is. Label the '
+                  "utterance as it was meant, not the appended question.", ""]
+    text_field = ', and "text": "..." if you rewrote it' if allow_rewrite else ""
     lines += [f"### {_TO_ANNOTATE}", *_turn_lines(turns, numbered=True), "",
               f"### {_OUTPUT}",
               'Return only a JSON object {"annotations": [...]} with exactly '
               f'{len(turns)} entries, one per utterance in order, each of the form {{"turn": N, "role": "user" or '
-              '"assistant", "motivation": "...", "emotion": "...", "topic": ["..."]}. Use null for an unknown '
-              "motivation or emotion and [] for no topic. No other text."]
+              '"assistant", "motivation": "...", "emotion": "...", "topic": ["..."]}' + text_field + ". Use null "
+              "for an unknown motivation or emotion and [] for no topic. No other text."]
     return "\n".join(lines)
 
 
@@ -253,6 +269,7 @@ class PairwisePrompt:
 class AnnotationPrompt:
     turns: tuple[tuple[str, str], ...]
     label_sets: dict[str, tuple[str, ...]]  # "user emotion" -> allowed values
+    allow_rewrite: bool = False  # the prompt allows rewrites ("text") and asks for bridging questions
 
 
 _HEADING = re.compile(r"### (.+)\Z")
@@ -329,5 +346,5 @@ def parse_prompt(text: str) -> BestOfKPrompt | PairwisePrompt | AnnotationPrompt
             m = re.match(r"(user|assistant) (motivation|emotion|topic): (.+)\Z", line)
             if m:
                 sets[f"{m.group(1)} {m.group(2)}"] = tuple(v.strip() for v in m.group(3).split("|"))
-        return AnnotationPrompt(turns, sets)
+        return AnnotationPrompt(turns, sets, allow_rewrite=_REWRITE in sec)
     return None

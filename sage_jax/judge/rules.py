@@ -277,9 +277,46 @@ def annotate_turns(turns, label_sets: dict[str, tuple[str, ...]] | None = None) 
     return out
 
 
+_ENDS_WITH_QUESTION = re.compile(r"\?[\s\"'\u201d\u2019)\]]*\Z")
+
+
+def bridging_question(labels: dict, user_labels: dict | None) -> str:
+    """A short question that hands the turn back to the user: how they are holding up after a
+    negative emotion, else more about the first topic (the user's, then the assistant's), else
+    what they think."""
+    user_labels = user_labels or {}
+    if user_labels.get("emotion") in _NEGATIVE:
+        return "How are you holding up?"
+    topics = list(user_labels.get("topic") or []) + list(labels.get("topic") or [])
+    if topics:
+        return f"What else is on your mind about {topics[0]}?"
+    return "What do you think?"
+
+
+def with_bridging_question(text: str, labels: dict, user_labels: dict | None) -> str | None:
+    """``text`` with :func:`bridging_question` appended, or None when it already ends with a question."""
+    body = text.rstrip()
+    if not body or _ENDS_WITH_QUESTION.search(body):
+        return None
+    if body[-1].isalnum():
+        body += "."
+    return f"{body} {bridging_question(labels, user_labels)}"
+
+
 def _annotation(p: AnnotationPrompt) -> str:
-    rows = [{"turn": i, "role": role, **lab}
-            for i, ((role, _), lab) in enumerate(zip(p.turns, annotate_turns(p.turns, p.label_sets)), 1)]
+    """Labels for every utterance; when the prompt allows rewrites (the reference annotator), an
+    assistant utterance that does not end with a question gets a bridging question appended, as
+    its ``text`` (labels describe the utterance as written)."""
+    labels = annotate_turns(p.turns, p.label_sets)
+    rows = []
+    for i, ((role, text), lab) in enumerate(zip(p.turns, labels), 1):
+        row = {"turn": i, "role": role, **lab}
+        if p.allow_rewrite and role == "assistant":
+            prev = labels[i - 2] if i >= 2 and p.turns[i - 2][0] == "user" else None
+            new = with_bridging_question(text, lab, prev)
+            if new is not None:
+                row["text"] = new
+        rows.append(row)
     return json.dumps({"annotations": rows}, ensure_ascii=False)
 
 

@@ -1,6 +1,7 @@
 """Sharded inference on 8 simulated CPU devices (conftest) equals one device: greedy generation,
-shared-prefix branches, beam search, a greedy K=4 3-turn tree search; and a 2-process
-jax.distributed search splits the seeds (each searched once) and equals a one-process run."""
+shared-prefix branches, beam search, the per-dialogue KV-cache pool (its cache sharded), a greedy
+K=4 3-turn tree search; and a 2-process jax.distributed search splits the seeds (each searched
+once) and equals a one-process run."""
 
 import json
 import os
@@ -136,16 +137,84 @@ def _files(out: Path) -> dict[str, str]:
     return {n: (out / f"{n}.jsonl").read_text() for n in ("trees", "sft", "trajectories", "pairs")}
 
 
-def test_greedy_search_on_mesh_equals_one_device(tiny_dir, tmp_path):
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_greedy_search_on_mesh_equals_one_device(tiny_dir, tmp_path, name):
     from sage_jax.search.tree import run_search
 
     run_search(_search_cfg(tiny_dir, tmp_path / "one"))
-    run_search(_search_cfg(tiny_dir, tmp_path / "mesh", mesh=MESHES["data4_tensor2"]))
+    run_search(_search_cfg(tiny_dir, tmp_path / "mesh", mesh=MESHES[name]))
     one, mesh = _files(tmp_path / "one"), _files(tmp_path / "mesh")
     trees = [json.loads(x) for x in one["trees"].splitlines()]
     assert [t["id"] for t in trees] == ["seed00000", "seed00001", "seed00002"]
     assert all(len(n["candidates"]) == 4 for t in trees for n in t["nodes"])
     assert mesh == one
+
+
+def _pool_turns(policy, turns: int = 3, k: int = 2, check=None):
+    """Greedy latent-first turns through a DialoguePool (sync, fork, generate, commit each turn);
+    `check(pool)` sees the pool with its children forked and again after the commit."""
+    from sage_jax.rollout import dialogue_cache as DC
+
+    pool = DC.DialoguePool(policy, 2)
+    convs = {"a": [{"role": "user", "content": "I lost my job today."}], "b": [{"role": "user", "content": "Hi!"}]}
+    sp = rollout.SamplingParams.greedy_params(6)
+    log = []
+    for t in range(turns):
+        cands = DC.branch(policy, pool, convs, sp, DC.BranchConfig(mode="latent", k=k, latent_max_new_tokens=6),
+                          seed=t)
+        if check:
+            check(pool)
+        pool.commit({key: (t + i) % k for i, key in enumerate(convs)})
+        if check:
+            check(pool)
+        for i, key in enumerate(convs):
+            c = cands[key][(t + i) % k]
+            log.append((t, key, c["tokens"], c["finish_reason"]))
+            convs[key] = convs[key] + [{"role": "assistant", "content": c["content"]},
+                                       {"role": "user", "content": f"Tell me more ({t})."}]
+    return pool, log
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_dialogue_pool_cache_is_sharded_and_equals_one_device(tiny_dir, name):
+    """The per-dialogue KV cache (rollout.dialogue_cache) of a sharded policy: rows padded to the
+    mesh's row split, k/v [L, B, S, K, H] with rows over the batch axes and kv heads over `tensor`
+    (before and after every fork/commit, and after the cache grows); greedy turns equal one device."""
+    from sage_jax.rollout.policy import load_policy
+
+    one = load_policy(str(tiny_dir))
+    sharded = load_policy(str(tiny_dir), mesh=MESHES[name])
+    assert parallel.params_mesh(sharded.params) is not None and sharded.cfg.num_kv_heads % 2 == 0
+    batch_axes = ("data", "fsdp") if MESHES[name].fsdp > 1 else "data"
+    seen = []
+
+    def laid_out(rows):
+        for c in (rows.cache["k"], rows.cache["v"]):
+            assert isinstance(c.sharding, jax.sharding.NamedSharding)
+            assert _spec(c) == (None, batch_axes, None, "tensor"), c.sharding
+        assert _spec(rows.cache["segment_ids"]) == (batch_axes,) and _spec(rows.cache["end"]) == (batch_axes,)
+        assert _spec(rows.logits) == (batch_axes,)
+
+    def check(pool):
+        if pool.children is not None:
+            laid_out(pool.children)
+            seen.append("children")
+        else:
+            laid_out(pool.cache)
+            seen.append("parent")
+
+    ref_pool, ref = _pool_turns(one)
+    pool, got = _pool_turns(sharded, check=check)
+    assert got == ref and any(toks for _, _, toks, _ in got)
+    assert seen == ["children", "parent"] * 3
+    assert ref_pool.rows == 2 and pool.rows == 4  # 2 dialogues: a power of two, then the 4-way row split
+    assert pool.cache.rows == 4 and pool.children is None
+    laid_out(pool.cache)
+    # growing the cache keeps the layout
+    before = pool.cache.capacity
+    pool.cache.reserve(before + 1)
+    assert pool.cache.capacity == 2 * before and pool.stats.grows == 1
+    laid_out(pool.cache)
 
 
 # --- two processes ----------------------------------------------------------------------------

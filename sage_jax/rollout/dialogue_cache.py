@@ -22,6 +22,11 @@ the buffers ever made). Branching: `fork(k)` copies every row to k child rows (o
 prefix per child: what dense attention needs), the children are synced/decoded together, and
 `commit(chosen)` makes the chosen child's cache the dialogue's next cache.
 
+Meshes: with the policy's parameters on a mesh (`load_policy(..., mesh=...)`), every device call
+runs with that mesh in context, the pool's row count is padded to a multiple of the mesh's row
+split (`parallel.pad_rows`) and the cache is laid out by its logical axes (`model.CACHE_AXES`: rows
+over the batch axes, kv heads over `tensor`), kept so by every program, including a growth.
+
 Capacity: the cache length grows in powers of two up to `max_cache_len` (default: the model's
 `max_position_embeddings`); a dialogue whose encoding does not fit is reported (`sync` returns
 its key, `CacheStats.cache_full` counts it) and a child that runs out of slots while decoding
@@ -51,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sage_jax import model as M
+from sage_jax import parallel
 from sage_jax.model.config import ModelConfig
 from sage_jax.rollout import sampler as S
 from sage_jax.rollout.policy import Policy
@@ -63,24 +69,58 @@ MIN_CACHE = 256
 
 # ---------------------------------------------------------------------------------------------
 # Device functions
+#
+# Under a mesh (the host side runs with the params' mesh in context, see `RowCache`) the cache is
+# laid out by its logical axes (`M.CACHE_AXES`: rows over the batch axes, kv heads over `tensor`)
+# and the logits' rows over the batch axes; the constraints below keep that layout through every
+# program (no-ops without a mesh).
+
+
+def _on_mesh(cache, logits):
+    return parallel.constrain_tree(cache, M.CACHE_AXES), parallel.constrain(logits, ("batch",))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rows", "capacity"))
+def empty(cfg: ModelConfig, *, rows: int, capacity: int):
+    """An empty cache of `rows` rows and its logits, made in place on the mesh in context."""
+    return _on_mesh(M.init_cache(cfg, rows, capacity), jnp.zeros((rows, cfg.vocab_size), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("new_len",))
+def grow(cache, *, new_len: int):
+    """The cache with its length padded to new_len slots (empty, never attended), same layout."""
+    pad = new_len - cache["segment_ids"].shape[1]
+    return parallel.constrain_tree({
+        "k": jnp.pad(cache["k"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+        "v": jnp.pad(cache["v"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+        "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, pad))), "end": cache["end"]}, M.CACHE_AXES)
+
+
+@functools.partial(jax.jit, static_argnames=("new_len",))
+def shrink(cache, *, new_len: int):
+    """The cache cut to its first new_len slots (a pool starting its next batch), same layout."""
+    return parallel.constrain_tree({"k": cache["k"][:, :, :new_len], "v": cache["v"][:, :, :new_len],
+                                    "segment_ids": cache["segment_ids"][:, :new_len],
+                                    "end": jnp.minimum(cache["end"], new_len)}, M.CACHE_AXES)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "logits"))
 def extend(cfg: ModelConfig, params, cache, logits, tokens, lengths, start):
     """Rewind each row's fill level to start[b] (<= end[b]) and prefill the chunk [B, T] there
     (lengths [B] >= 0; rows with length 0 keep their logits)."""
-    cache = dict(cache, end=start.astype(jnp.int32))
+    tokens, lengths, start = (parallel.constrain(a, ("batch",)) for a in (tokens, lengths, start))
+    cache, logits = _on_mesh(dict(cache, end=start.astype(jnp.int32)), logits)
     seg = S._chunk_segments(tokens, lengths)
     x, cache = M.hidden_states(cfg, params, tokens, segment_ids=seg, cache=cache)
     logits = jnp.where((lengths > 0)[:, None], S._last_logits(cfg, params, x, lengths), logits)
-    return cache, logits
+    return _on_mesh(cache, logits)
 
 
 @jax.jit
 def take_rows(cache, logits, idx):
     """Rows idx of a cache (k/v on axis 1, the rest on axis 0) and of its logits: fork or select."""
-    return ({"k": cache["k"][:, idx], "v": cache["v"][:, idx], "segment_ids": cache["segment_ids"][idx],
-             "end": cache["end"][idx]}, logits[idx])
+    return _on_mesh({"k": cache["k"][:, idx], "v": cache["v"][:, idx], "segment_ids": cache["segment_ids"][idx],
+                     "end": cache["end"][idx]}, logits[idx])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "proc", "new_len"), donate_argnames=("cache",))
@@ -90,6 +130,7 @@ def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, histo
     `_row_arrays`), row r's key is fold_in(key(seed), rows["seeds"][r]) as in `rollout.generate`.
     Returns (cache, tokens, length, reason)."""
     b = logits.shape[0]
+    cache, logits = _on_mesh(cache, logits)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), rows["seeds"])
     if proc.repetition_penalty:
         pres = update_presence(jnp.zeros((b, cfg.vocab_size), bool), history, history >= 0)
@@ -102,8 +143,9 @@ def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, histo
         presence=pres, stop_ids=rows["stop_ids"], keys=keys, max_new=rows["max_new"],
         min_new=rows["min_new"], temperature=rows["temperature"], top_p=rows["top_p"], penalty=rows["penalty"],
         step=jnp.zeros((), jnp.int32))
-    state = S.decode(cfg, proc, params, state)
-    return state.cache, state.tokens, state.length, state.reason
+    state = S.decode(cfg, proc, params, S._rows_on_mesh(state))
+    cache = parallel.constrain_tree(state.cache, M.CACHE_AXES)
+    return cache, state.tokens, state.length, state.reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +168,7 @@ class CacheStats:
     forks: int = 0
     cache_full: int = 0  # dialogues whose encoding did not fit max_cache_len
     grows: int = 0  # cache-length bucket increases
+    shrinks: int = 0  # pools cut back to their initial length between batches
 
     def as_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
@@ -157,6 +200,18 @@ def _row_arrays(cfg: ModelConfig, per_row: Sequence[SamplingParams], max_new: Se
     return out
 
 
+def _with_mesh(method):
+    """Run a RowCache method with its params' mesh in context (`parallel.mesh_context`): its jitted
+    calls shard by the constraints above; a null context for one device."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with parallel.mesh_context(self.params):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -166,7 +221,11 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class RowCache:
-    """R rows of a KV cache (device) and the token ids each row holds (host)."""
+    """R rows of a KV cache (device) and the token ids each row holds (host).
+
+    With `params` on a mesh, the device work runs with that mesh in context and the cache is laid
+    out by its logical axes (rows over the batch axes: R should be a multiple of their size, as
+    `DialoguePool` makes it; kv heads over `tensor`)."""
 
     def __init__(self, cfg: ModelConfig, params, rows: int, *, limit: int, capacity: int,
                  stats: CacheStats | None = None, _arrays=None):
@@ -174,8 +233,8 @@ class RowCache:
         self.stats = stats if stats is not None else CacheStats()
         if _arrays is None:
             capacity = min(max(S.bucket(capacity), 1), self.limit)
-            self.cache = M.init_cache(cfg, rows, capacity)
-            self.logits = jnp.zeros((rows, cfg.vocab_size), jnp.float32)
+            with parallel.mesh_context(params):
+                self.cache, self.logits = empty(cfg, rows=rows, capacity=capacity)
         else:
             self.cache, self.logits = _arrays
         self.ids: list[list[int]] = [[] for _ in range(rows)]
@@ -185,22 +244,19 @@ class RowCache:
     def capacity(self) -> int:
         return int(self.cache["segment_ids"].shape[1])
 
+    @_with_mesh
     def reserve(self, need: int) -> None:
         """Grow the cache length to hold `need` tokens per row (a power of two, at most `limit`)."""
         if need <= self.capacity or self.capacity >= self.limit:
             return
-        new = min(S.bucket(need), self.limit)
-        pad = new - self.capacity
-        c = self.cache
-        self.cache = {"k": jnp.pad(c["k"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
-                      "v": jnp.pad(c["v"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
-                      "segment_ids": jnp.pad(c["segment_ids"], ((0, 0), (0, pad))), "end": c["end"]}
+        self.cache = grow(self.cache, new_len=min(S.bucket(need), self.limit))
         self.stats.grows += 1
 
     def reset(self, rows: Sequence[int]) -> None:
         for r in rows:
             self.ids[r], self.fresh[r] = [], False
 
+    @_with_mesh
     def take(self, idx: Sequence[int]) -> "RowCache":
         """A new RowCache whose row i is a copy of row idx[i] (fork when idx repeats rows)."""
         cache, logits = take_rows(self.cache, self.logits, np.asarray(idx, np.int32))
@@ -210,6 +266,7 @@ class RowCache:
         out.fresh = [self.fresh[i] for i in idx]
         return out
 
+    @_with_mesh
     def sync(self, targets: dict[int, Sequence[int]], *, trim: bool = False) -> list[int]:
         """Make row r hold exactly targets[r] (fresh logits after its last token), prefilling only
         what it does not already hold. Returns the rows whose target does not fit (untouched).
@@ -268,6 +325,7 @@ class RowCache:
             self.ids[r], self.fresh[r] = t, True
         return full
 
+    @_with_mesh
     def generate(self, settings: dict[int, SamplingParams], *, seed: int, row_seeds: dict[int, int] | None = None
                  ) -> dict[int, tuple[list[int], str]]:
         """Decode the given rows (each must be fresh) with their settings; the others stay as they
@@ -314,11 +372,13 @@ class DialoguePool:
     def __init__(self, policy: Policy, rows: int, *, max_cache_len: int | None = None, cache_len: int = MIN_CACHE,
                  stats: CacheStats | None = None):
         self.policy = policy
-        self.rows = S.bucket(rows)
+        with parallel.mesh_context(policy.params):  # rows: a multiple of the mesh's row split
+            self.rows = parallel.pad_rows(S.bucket(rows))
         self.limit = int(max_cache_len or policy.cfg.max_position_embeddings)
         self.stats = stats if stats is not None else CacheStats()
         self.cache = RowCache(policy.cfg, policy.params, self.rows, limit=self.limit,
                               capacity=max(cache_len, MIN_CACHE), stats=self.stats)
+        self.initial_capacity = self.cache.capacity  # grown as dialogues grow, back to this between batches
         self.allocations = 1
         self.row_of: dict[Hashable, int] = {}
         self.free = list(range(self.rows))
@@ -345,6 +405,12 @@ class DialoguePool:
             if r is not None:
                 self.free.append(r)
                 self.free.sort()
+        if not self.row_of and self.cache.capacity > self.initial_capacity:
+            # every row free: the next batch starts short again (each step reads the whole length)
+            with parallel.mesh_context(self.policy.params):
+                self.cache.cache = shrink(self.cache.cache, new_len=self.initial_capacity)
+            self.cache.reset(range(self.rows))
+            self.stats.shrinks += 1
 
     def sync(self, targets: dict[Hashable, Sequence[int]]) -> list[Hashable]:
         """Bring each dialogue's cache to its encoding; returns the keys that do not fit."""

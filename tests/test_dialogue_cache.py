@@ -180,10 +180,14 @@ def test_eight_turn_search_compiles_a_bounded_number_of_programs(tiny_dir, tmp_p
     assert summary["searched"] == 2
     comp = summary["compiles"]
     # one program per shape: prefill chunks (2 widths x parent/children rows), decode (state,
-    # children, user), fork and select; the cache is sized once for the whole search
-    assert comp["count"] <= 10, comp
-    assert summary["cache"]["grows"] == 0 and summary["cache"]["prefill_tokens"] > 0
-    # another search of the same shapes (new pools, next seeds) compiles nothing new
+    # children, user), fork and select, per cache-length bucket (the cache starts at what the first
+    # turn needs and doubles as the dialogues grow: a few buckets for a whole search)
+    buckets = 1 + summary["cache"]["grows"]
+    assert 1 <= buckets <= 3 and comp["count"] <= 11 * buckets, comp
+    assert summary["cache"]["prefill_tokens"] > 0
+    # another search of the same shapes (new pools, next seeds) compiles nothing new, except a
+    # cache growth between buckets the first search did not cross
     with CompileCounter() as cc:
         again = run_search(cfg.__class__(**{**cfg.__dict__, "num_seeds": 4}))
-    assert again["searched"] == 2 and cc.count == 0, cc.summary()
+    assert again["searched"] == 2 and cc.count <= 2, cc.summary()
+    assert set(cc.by_function) <= {"jit(grow)", "jit(shrink)"}, cc.summary()

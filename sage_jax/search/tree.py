@@ -80,7 +80,7 @@ class SearchConfig:
     beam: int = 1
     lookahead: int = 1
     max_cache_len: int | None = None  # per-dialogue KV cache limit (default: the model's max positions)
-    cache_len: int | None = None  # initial per-dialogue cache length (default: what `turns` need at most)
+    cache_len: int | None = None  # initial per-dialogue cache length (default: what the first turn needs; grows)
     cache: bool = True  # one KV cache per dialogue kept across turns (False: re-prefill every turn)
     negatives_per_turn: int = 1  # preference pairs per assistant turn
     humour: bool = False
@@ -208,17 +208,15 @@ def make_pools(policy: Policy, sim: Policy, cfg: SearchConfig, stats: CacheStats
     return pool(policy, rows), pool(sim, rows), futures
 
 
-DEFAULT_CACHE_CAP = 4096  # the default initial cache length stops here (memory); rows may grow past it
-
-
 def cache_len(cfg: SearchConfig) -> int:
-    """The per-dialogue cache length a whole search needs at most (the persona and seed, then every
-    turn's tokens at their budgets; at most DEFAULT_CACHE_CAP unless cfg.cache_len says), so the
-    cache is sized once (a power of two, at most max_cache_len) and a search compiles each program
-    once; a row outgrowing it grows it (a new bucket: those programs compile again)."""
+    """The per-dialogue cache length a pool starts at: what the first assistant turn needs at its
+    token budgets (the persona and seed, the latent blocks, the reply), unless cfg.cache_len says.
+    Rows grow it in powers of two as the dialogues grow (each length is a program bucket) and a
+    pool shrinks back to it when a batch is done: every step reads only about the cache it needs,
+    where one cache sized for the last turn would make every turn (and every forked child) pay for
+    it."""
     latents = 2 * cfg.latent_max_new_tokens if cfg.branching != "sample" else 0
-    need = 256 + cfg.turns * (cfg.max_new_tokens + cfg.user_max_new_tokens + latents + 24)
-    return cfg.cache_len or min(need, DEFAULT_CACHE_CAP)
+    return cfg.cache_len or 256 + latents + cfg.max_new_tokens + 24
 
 
 def search_batch(policy: Policy, sim: Policy, judge, seeds: Sequence[tuple[str, str]], cfg: SearchConfig,

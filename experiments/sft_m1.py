@@ -2,7 +2,7 @@
 
 Defaults are the paper's recipe (those of SFTConfig): LoRA rank 8, alpha 16, dropout 0 on
 q_proj/v_proj; AdamW lr 5e-5, cosine, no weight decay, clip 1.0; 3 epochs; global batch 256
-packed rows; 2048 tokens; 1% of dialogues held out. The data default is the shipped SAC sample
+dialogues (batch_unit=dialogues); 2048 tokens; 1% of dialogues held out. The data default is the shipped SAC sample
 (200 EmpatheticDialogues dialogues) and the model the built-in SmolLM2-135M-Instruct; the paper
 trained Mixtral-8x7B-Instruct-v0.1 in bf16 on its own annotated mix:
 

@@ -319,14 +319,16 @@ def make_chat_backend(what: Any, *, cache_dir: str | os.PathLike | None = None, 
             raise ValueError(f"{what!r}: missing model path (local:PATH)")
     elif kind and not Path(s).exists():
         raise ValueError(f"{what!r}: unknown backend {kind!r} (expected openai:, rules:, local: or a model path)")
-    p = Path(s).expanduser()
+    base, at, step = s.rpartition("@")
+    run_step = at and (step in ("best", "latest") or step.isdigit())  # RUN@best | RUN@latest | RUN@200
+    p = Path(base if run_step else s).expanduser()
     if s != "smollm2" and not p.exists():
         raise FileNotFoundError(f"model {s!r}: no such directory (expected smollm2, an HF model directory, a run "
                                 "directory, or a judge spec openai:/rules:/local:)")
     if s != "smollm2" and not (p / "config.json").exists() and not (p / "checkpoints").is_dir():
         raise FileNotFoundError(f"model {s!r}: neither an HF model directory (config.json) nor a training run "
                                 "directory (checkpoints/)")
-    chat = ModelChat.load(s if s == "smollm2" else str(p), template=template, dtype=dtype, batch_size=batch_size,
+    chat = ModelChat.load(s if s == "smollm2" else str(p) + (f"@{step}" if run_step else ""), template=template, dtype=dtype, batch_size=batch_size,
                           strip_latents=strip_latents, mesh=mesh)
     if kind == "local":
         chat.name = f"local:{s}"

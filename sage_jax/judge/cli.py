@@ -36,7 +36,7 @@ class AnnotateConfig:
     chunk_size: int = 32  # dialogues per batch written together
     limit: int | None = None  # annotate at most this many dialogues this run
     example: bool = True  # an in-context example in the prompt
-    allow_rewrite: bool = False  # accept a rewritten utterance ('text') from the annotator
+    allow_rewrite: bool = True  # the reference annotator may rewrite lightly and append a bridging question
     progress: bool = True  # progress bar
 
 
@@ -89,7 +89,7 @@ def register_annotate(subparsers) -> argparse.ArgumentParser:
                "--tries": "tries N", "--temperature": "temperature T", "--max-tokens": "max_tokens N",
                "--seed": "seed S", "--max-concurrency": "max_concurrency N", "--timeout": "timeout SECONDS",
                "--max-attempts": "max_attempts N", "--chunk-size": "chunk_size N", "--limit": "limit N",
-               "--no-example": "!example", "--allow-rewrite": "+allow_rewrite", "--no-progress": "!progress"})
+               "--no-example": "!example", "--no-rewrite": "!allow_rewrite", "--no-progress": "!progress"})
 
 
 def register(subparsers) -> None:

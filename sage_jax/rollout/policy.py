@@ -43,8 +43,8 @@ class Policy:
 
 def load_policy(path: str, *, template: str | None = None, dtype: str | None = None,
                 mesh=None) -> Policy | EndpointPolicy:
-    """`smollm2`, an HF directory, or a training run directory (its latest checkpoint, LoRA merged):
-    see :func:`sage_jax.model.loader.load`. `openai:MODEL@URL`: an `EndpointPolicy` (vLLM, SGLang,
+    """`smollm2`, an HF directory, or a training run directory (its best checkpoint when it recorded
+    one, else its latest; RUN@best|@latest|@STEP; LoRA merged): see :func:`sage_jax.model.loader.load`. `openai:MODEL@URL`: an `EndpointPolicy` (vLLM, SGLang,
     `sage-jax serve`; template, dtype and mesh are the server's business and ignored here).
 
     mesh: a `parallel.MeshConfig` (or a Mesh) to lay the parameters out on this process's devices

@@ -529,6 +529,45 @@ class BranchConfig:
     schema: Schema = DEFAULT_SCHEMA
 
 
+def pinned_children(keys: Sequence[Hashable], prefix_text: dict, bc: BranchConfig, seed: int):
+    """enumerate: K distinct a_motivation values of the closed vocabulary per dialogue, pinned
+    after its state block. Returns (children per dialogue, each child's prefill, extra fields)."""
+    d = bc.schema.delimiters(False)
+    rng = random.Random(seed)
+    values = list(bc.vocabulary)
+    n_children, child_prefill, extra = {}, {}, {}
+    for key in keys:
+        chosen = rng.sample(values, min(bc.k, len(values)))
+        n_children[key] = len(chosen)
+        for j, v in enumerate(chosen):
+            child_prefill[key, j] = (f"{prefix_text[key]}{d.block_sep}{{a_motivation: "
+                                     f"{bc.schema.format_value(v)}, a_emotion:")
+            extra[key, j] = {"pinned": {"a_motivation": v}}
+    return n_children, child_prefill, extra
+
+
+def action_block(prefix: str, raw: str, bc: BranchConfig) -> tuple[str, str]:
+    """(the sampled action block as the child continues it, the key duplicates are found by): a
+    closed block is parsed and rendered canonically, anything else stays raw text."""
+    d = bc.schema.delimiters(False)
+    raw, closed = _cut_block(raw, d.action_close)
+    action = parse_assistant_lenient(prefix + d.block_sep + raw.lstrip() + " x", bc.schema).action if closed else None
+    text = (d.block_sep + render_latent(action, "assistant", bc.schema)) if action is not None else raw
+    return text, _action_key(action, raw)
+
+
+def distinct_actions(sample, keys: Sequence[Hashable], bc: BranchConfig) -> dict:
+    """K action keys per dialogue from `sample(pairs) -> {(dialogue, child): key}`, duplicates
+    resampled (all dialogues together) for up to `action_tries` rounds."""
+    akeys = sample([(key, j) for key in keys for j in range(bc.k)])
+    for _ in range(bc.action_tries):
+        dup = duplicates({key: [akeys[key, j] for j in range(bc.k)] for key in keys})
+        if not dup:
+            break
+        akeys.update(sample(dup))
+    return akeys
+
+
 def branch(policy: Policy, pool: DialoguePool, views: dict[Hashable, list[dict]], sp: SamplingParams,
            bc: BranchConfig, seed: int) -> dict[Hashable, list[dict] | None]:
     """K candidate assistant messages per dialogue ({"content", "finish_reason", ...}), decoded
@@ -565,15 +604,7 @@ def branch(policy: Policy, pool: DialoguePool, views: dict[Hashable, list[dict]]
             for j in range(bc.k):
                 child_prefill[key, j] = ""
     elif bc.mode == "enumerate":
-        rng = random.Random(seed)
-        values = list(bc.vocabulary)
-        for key in live:
-            chosen = rng.sample(values, min(bc.k, len(values)))
-            n_children[key] = len(chosen)
-            for j, v in enumerate(chosen):
-                child_prefill[key, j] = (f"{prefix_text[key]}{d.block_sep}{{a_motivation: "
-                                         f"{bc.schema.format_value(v)}, a_emotion:")
-                extra[key, j] = {"pinned": {"a_motivation": v}}
+        n_children, child_prefill, extra = pinned_children(live, prefix_text, bc, seed)
         kids.sync({pool.child(key, j): policy.encode_chat(views[key], prefill=child_prefill[key, j])
                    for key in live for j in range(n_children[key])})
     elif bc.mode == "latent":
@@ -590,20 +621,10 @@ def branch(policy: Policy, pool: DialoguePool, views: dict[Hashable, list[dict]]
             round_no[0] += 1
             keys = {}
             for r, (key, j) in rows.items():
-                raw, closed = _cut_block(policy.decode(got[r][0]), d.action_close)
-                action = parse_assistant_lenient(prefix_text[key] + d.block_sep + raw.lstrip() + " x",
-                                                 bc.schema).action if closed else None
-                text = (d.block_sep + render_latent(action, "assistant", bc.schema)) if action is not None else raw
-                texts[key, j] = text
-                keys[key, j] = _action_key(action, raw)
+                texts[key, j], keys[key, j] = action_block(prefix_text[key], policy.decode(got[r][0]), bc)
             return keys
 
-        keys = sample([(key, j) for key in live for j in range(bc.k)])
-        for _ in range(bc.action_tries):  # resample duplicates, all dialogues together
-            dup = duplicates({key: [keys[key, j] for j in range(bc.k)] for key in live})
-            if not dup:
-                break
-            keys.update(sample(dup))
+        distinct_actions(sample, live, bc)
         for key in live:
             for j in range(bc.k):
                 child_prefill[key, j] = prefix_text[key] + texts[key, j]

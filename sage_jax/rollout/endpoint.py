@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, Sequence
 from urllib.parse import urlparse
 
 import openai
 
-from sage_jax.rollout.dialogue_cache import BranchConfig, _action_key, _cut_block, duplicates
+from sage_jax.rollout.dialogue_cache import (BranchConfig, _cut_block, action_block, distinct_actions,
+                                             pinned_children)
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.sac import Latent, parse_assistant_lenient, render_latent
 
@@ -155,15 +155,7 @@ def branch(policy: EndpointPolicy, views: dict[Hashable, list[dict]], sp: Sampli
     child_prefill: dict[tuple, str] = {}
     extra: dict[tuple, dict] = {}
     if bc.mode == "enumerate":
-        rng = random.Random(seed)
-        values = list(bc.vocabulary)
-        for key in keys:
-            chosen = rng.sample(values, min(bc.k, len(values)))
-            n_children[key] = len(chosen)
-            for j, v in enumerate(chosen):
-                child_prefill[key, j] = (f"{prefix_text[key]}{d.block_sep}{{a_motivation: "
-                                         f"{bc.schema.format_value(v)}, a_emotion:")
-                extra[key, j] = {"pinned": {"a_motivation": v}}
+        n_children, child_prefill, extra = pinned_children(keys, prefix_text, bc, seed)
     else:
         act_sp = sp.replace(max_new_tokens=bc.latent_max_new_tokens, stop_strings=(d.action_close,))
         texts: dict[tuple, str] = {}
@@ -180,20 +172,10 @@ def branch(policy: EndpointPolicy, views: dict[Hashable, list[dict]], sp: Sampli
             out = {}
             for key, cs in zip(ks, got):
                 for j, c in zip(todo[key], cs):
-                    raw, closed = _cut_block(_closed(c, d.action_close), d.action_close)
-                    action = parse_assistant_lenient(prefix_text[key] + d.block_sep + raw.lstrip() + " x",
-                                                     bc.schema).action if closed else None
-                    texts[key, j] = (d.block_sep + render_latent(action, "assistant", bc.schema)
-                                     if action is not None else raw)
-                    out[key, j] = _action_key(action, raw)
+                    texts[key, j], out[key, j] = action_block(prefix_text[key], _closed(c, d.action_close), bc)
             return out
 
-        akeys = sample([(key, j) for key in keys for j in range(bc.k)])
-        for _ in range(bc.action_tries):  # resample duplicates, all dialogues together
-            dup = duplicates({key: [akeys[key, j] for j in range(bc.k)] for key in keys})
-            if not dup:
-                break
-            akeys.update(sample(dup))
+        distinct_actions(sample, keys, bc)
         for key in keys:
             for j in range(bc.k):
                 child_prefill[key, j] = prefix_text[key] + texts[key, j]

@@ -191,3 +191,29 @@ def test_eight_turn_search_compiles_a_bounded_number_of_programs(tiny_dir, tmp_p
         again = run_search(cfg.__class__(**{**cfg.__dict__, "num_seeds": 4}))
     assert again["searched"] == 2 and cc.count <= 2, cc.summary()
     assert set(cc.by_function) <= {"jit(grow)", "jit(shrink)"}, cc.summary()
+
+
+def test_a_few_rows_decode_compacted_and_equal_in_place(tiny_dir):
+    """Resampling a few rows of many decodes just those rows (a copy, then put back): the tokens
+    are those of decoding them among all rows, sampled ones too, and the other rows are untouched."""
+    policy = _policy(tiny_dir)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=6)
+    prompts = [policy.encode_chat([{"role": "user", "content": f"hello {i}"}]) for i in range(8)]
+    big = DC.RowCache(policy.cfg, policy.params, 8, limit=512, capacity=256)
+    big.sync(dict(enumerate(prompts)))
+    small = DC.RowCache(policy.cfg, policy.params, 2, limit=512, capacity=256)
+    small.sync({0: prompts[3], 1: prompts[6]})
+    before = {r: list(big.ids[r]) for r in range(8)}
+    calls = []
+    orig = big._generate_compact
+    big._generate_compact = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    got = big.generate({3: sp, 6: sp}, seed=5, row_seeds={3: 30, 6: 60})
+    assert calls  # 2 of 8 rows: compacted
+    ref = small.generate({0: sp, 1: sp}, seed=5, row_seeds={0: 30, 1: 60})
+    assert got[3] == ref[0] and got[6] == ref[1]
+    assert all(big.ids[r] == before[r] for r in range(8) if r not in (3, 6))
+    # the rows put back continue exactly: one more greedy token on both caches
+    g = GREEDY(3, stop_token_ids=())
+    big.sync({3: big.ids[3] + got[3][0][-1:]})
+    small.sync({0: small.ids[0] + ref[0][0][-1:]})
+    assert big.generate({3: g}, seed=0)[3] == small.generate({0: g}, seed=0)[0]

@@ -123,6 +123,17 @@ def take_rows(cache, logits, idx):
                      "end": cache["end"][idx]}, logits[idx])
 
 
+@functools.partial(jax.jit, donate_argnames=("cache", "logits"))
+def put_rows(cache, logits, sub_cache, sub_logits, idx):
+    """Rows idx of a cache and its logits replaced by the rows of sub (an index past the last row
+    drops that sub row: the padding of a compacted decode)."""
+    return _on_mesh({"k": cache["k"].at[:, idx].set(sub_cache["k"], mode="drop"),
+                     "v": cache["v"].at[:, idx].set(sub_cache["v"], mode="drop"),
+                     "segment_ids": cache["segment_ids"].at[idx].set(sub_cache["segment_ids"], mode="drop"),
+                     "end": cache["end"].at[idx].set(sub_cache["end"], mode="drop")},
+                    logits.at[idx].set(sub_logits, mode="drop"))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "proc", "new_len"), donate_argnames=("cache",))
 def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, history, rows, seed, *, new_len: int):
     """The sampler's decode loop on an existing cache. history [B, H] (-1 = none): the ids each
@@ -341,6 +352,9 @@ class RowCache:
         mx = [settings[r].max_new_tokens if r in settings else 0 for r in range(self.rows)]
         proc = Processing.of(list(settings.values()), self.cfg.vocab_size)
         self.reserve(max(len(self.ids[r]) + mx[r] for r in settings))
+        n = parallel.pad_rows(S.bucket(len(settings)))
+        if 2 * n <= self.rows:
+            return self._generate_compact(settings, n, seed=seed, row_seeds=row_seeds)
         seeds = [(row_seeds or {}).get(r, r) for r in range(self.rows)]
         rows = _row_arrays(self.cfg, per_row, mx, seeds)
         if proc.repetition_penalty:
@@ -364,6 +378,23 @@ class RowCache:
             self.ids[r] = self.ids[r] + got[: max(ln - 1, 0)]
             self.fresh[r] = ln == 0
         return out
+
+
+    def _generate_compact(self, settings: dict[int, SamplingParams], n: int, *, seed: int,
+                          row_seeds: dict[int, int] | None) -> dict[int, tuple[list[int], str]]:
+        """Decode a few rows of many (resampled duplicates, one side of a turn) on a copy of just
+        those rows (n, a row bucket), then put them back: every decode step computes only them.
+        The row seeds stay those of the rows, so the tokens are the same as decoding in place."""
+        active = sorted(settings)
+        sub = self.take(active + [active[0]] * (n - len(active)))
+        seeds = row_seeds or {}
+        got = sub.generate({i: settings[r] for i, r in enumerate(active)}, seed=seed,
+                           row_seeds={i: seeds.get(r, r) for i, r in enumerate(active)})
+        idx = np.asarray(active + [self.rows] * (n - len(active)), np.int32)  # padding rows: dropped
+        self.cache, self.logits = put_rows(self.cache, self.logits, sub.cache, sub.logits, idx)
+        for i, r in enumerate(active):
+            self.ids[r], self.fresh[r] = sub.ids[i], sub.fresh[i]
+        return {r: got[i] for i, r in enumerate(active)}
 
 
 class DialoguePool:

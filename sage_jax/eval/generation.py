@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from sage_jax.judge.base import Completion
-from sage_jax.rollout.budget import DEFAULT_ALLOWANCE, cut_reply
-from sage_jax.sac import DEFAULT_SCHEMA
+from sage_jax.rollout.budget import DEFAULT_ALLOWANCE, cut_reply, needs_allowance
 
 __all__ = ["ChatBackend", "ChatCompletion", "ModelChat", "OpenAIChat", "JudgeChat", "make_chat_backend",
            "flatten_messages", "Message"]
@@ -191,9 +190,7 @@ class ModelChat:
         SAC model's reply gets the same budget as a plain model's; other rows stay as they are."""
         if self.latent_allowance <= 0:
             return gens
-        opener = DEFAULT_SCHEMA.delimiters(False).state_open
-        again = [j for j, g in enumerate(gens) if g.finish_reason == "length"
-                 and self.policy.decode(g.tokens).lstrip().startswith(opener)]
+        again = [j for j, g in enumerate(gens) if needs_allowance(self.policy.decode, g.tokens, g.finish_reason)]
         if not again:
             return gens
         more = self.generate_ids([prompts[ok[j]] for j in again], [temps[ok[j]] for j in again],

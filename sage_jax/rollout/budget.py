@@ -35,6 +35,12 @@ def prefix_length(decode, tokens: Sequence[int], schema: Schema = DEFAULT_SCHEMA
     return lo
 
 
+def needs_allowance(decode, tokens: Sequence[int], finish_reason: str, schema: Schema = DEFAULT_SCHEMA) -> bool:
+    """Whether a message that ran out of tokens started with a latent prefix (then its reply budget
+    was spent on the prefix, and it is worth generating again with the allowance)."""
+    return finish_reason == "length" and decode(list(tokens)).lstrip().startswith(schema.delimiters(False).state_open)
+
+
 def cut_reply(decode, tokens: Sequence[int], max_reply: int, schema: Schema = DEFAULT_SCHEMA
               ) -> tuple[list[int], bool]:
     """(the latent prefix + at most `max_reply` tokens after it, whether anything was cut)."""

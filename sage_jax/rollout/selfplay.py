@@ -22,7 +22,7 @@ import dataclasses
 import re
 from typing import Sequence
 
-from sage_jax.rollout.budget import DEFAULT_ALLOWANCE, cut_reply
+from sage_jax.rollout.budget import DEFAULT_ALLOWANCE, cut_reply, needs_allowance
 from sage_jax.rollout.endpoint import EndpointPolicy
 from sage_jax.rollout.policy import Policy
 from sage_jax.rollout.sampling import SamplingParams
@@ -163,7 +163,7 @@ def user_turns(sim: Policy | EndpointPolicy, episodes: Sequence[Episode], sampli
         got = pool.generate({e.key: sampling for e in live}, seed=seed)
         toks = {e.key: got[e.key][0] for e in live}
         # a latent prefix does not count in the budget: continue the rows that ran out in or after one
-        more = [e for e in live if got[e.key][1] == "length" and _in_prefix(sim, toks[e.key])]
+        more = [e for e in live if needs_allowance(sim.decode, toks[e.key], got[e.key][1])]
         if more:
             pool.sync({e.key: sim.encode_chat(e.user_view) + toks[e.key] for e in more})
             extra = pool.generate({e.key: sampling.replace(max_new_tokens=DEFAULT_ALLOWANCE) for e in more},
@@ -178,7 +178,7 @@ def user_turns(sim: Policy | EndpointPolicy, episodes: Sequence[Episode], sampli
     prompts = [sim.encode_chat(e.user_view) for e in live]
     gens = rollout.generate(sim.cfg, sim.params, prompts, sampling, seed=seed, tokenizer=sim.tokenizer)
     toks = [g.tokens for g in gens]
-    more = [i for i, g in enumerate(gens) if g.finish_reason == "length" and _in_prefix(sim, g.tokens)]
+    more = [i for i, g in enumerate(gens) if needs_allowance(sim.decode, g.tokens, g.finish_reason)]
     if more:
         again = rollout.generate(sim.cfg, sim.params, [prompts[i] for i in more],
                                  sampling.replace(max_new_tokens=sampling.max_new_tokens + DEFAULT_ALLOWANCE),
@@ -188,8 +188,3 @@ def user_turns(sim: Policy | EndpointPolicy, episodes: Sequence[Episode], sampli
     for e, t in zip(live, toks):
         e.add_user(sim.decode(t))
 
-
-def _in_prefix(policy: Policy, tokens: Sequence[int], schema: Schema = DEFAULT_SCHEMA) -> bool:
-    """Whether a message that ran out of tokens started with a latent prefix (then its reply budget
-    has not been spent on a reply)."""
-    return policy.decode(tokens).lstrip().startswith(schema.delimiters(False).state_open)

@@ -367,16 +367,17 @@ def _attempt(policy, sim, judge, live: list[Episode], nodes, pairs, rng, cfg: Se
     futs = _lookahead(policy, sim, live, cands, cfg, steps, s + 700, fpools) if steps > 0 else {}
     # what the judge compares, per seed: the B x K children as continuations of the common history
     by_seed: dict[str, list[tuple[Episode, int]]] = {}
+    parents: dict[str, list[Episode]] = {}  # each seed's live beams
     for e, cs in zip(live, cands):
         by_seed.setdefault(e.id, []).extend((e, j) for j in range(len(cs)))
+        parents.setdefault(e.id, []).append(e)
     cand_of = {e.key: cs for e, cs in zip(live, cands)}
     ids = list(by_seed)
     contexts, options = [], []
     for sid in ids:
         group = by_seed[sid]
-        parents = list({e.key: e for e, _ in group}.values())
-        n = _common_prefix(parents)
-        contexts.append(parents[0].turns[:n])
+        n = _common_prefix(parents[sid])
+        contexts.append(parents[sid][0].turns[:n])
         opts = []
         for e, j in group:
             content = cand_of[e.key][j]["content"]
@@ -397,13 +398,12 @@ def _attempt(policy, sim, judge, live: list[Episode], nodes, pairs, rng, cfg: Se
     failed, a_commit, u_assign = set(), {}, {}
     for sid, (order, rounds) in zip(ids, ranked):
         group = by_seed[sid]
-        parents = list({e.key: e for e, _ in group}.values())
-        compared = "futures" if futs else "continuations" if len(parents) > 1 else "replies"
+        compared = "futures" if futs else "continuations" if len(parents[sid]) > 1 else "replies"
         verdicts = [{"kind": v.verdict.kind, "raw": list(v.raw), "tries": v.tries, "judge": v.judge} for v in rounds]
         rank_of = {(group[i][0].key, group[i][1]): r for r, i in enumerate(order)}
         if not order:
             failed.add(sid)
-        for e in parents:
+        for e in parents[sid]:
             cs = cand_of[e.key]
             kept = [j for j in range(len(cs)) if (e.key, j) in rank_of]
             for j in kept:

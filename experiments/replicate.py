@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -193,85 +192,25 @@ def default_seed_files() -> tuple[str, ...]:
 
 def make_seeds(cfg: Config, out: Path) -> dict:
     """Write seeds/search.txt and seeds/held_out.txt (disjoint by normalised text)."""
-    from sage_jax.data.readers import read_seeds
-    from sage_jax.data.split import normalise_seed, split_seeds
+    from sage_jax.data.holdout import write_seed_split
 
     files = cfg.seed_files or default_seed_files()
-    pool, seen = [], set()
-    for f in files:
-        for s in read_seeds(f):
-            n = normalise_seed(s)
-            if n and n not in seen:  # one copy of each text (duplicates could not be split apart anyway)
-                seen.add(n)
-                pool.append(n)
-    if cfg.search_seeds < 1 or cfg.held_out_seeds < 1:
-        raise ValueError("replicate: search_seeds and held_out_seeds must be >= 1")
-    notes = []
-    held_n = min(cfg.held_out_seeds, len(pool) - cfg.search_seeds)
-    if held_n < 1:
-        raise ValueError(f"replicate: {len(pool)} distinct seeds in {', '.join(files)}: too few for "
-                         f"{cfg.search_seeds} search seeds and any held-out seed")
-    if held_n < cfg.held_out_seeds:
-        notes.append(f"only {len(pool)} distinct seeds in {', '.join(files)}: {held_n} held out instead of "
-                     f"{cfg.held_out_seeds} (the EmpatheticDialogues test situations of shared/data give more)")
-    rest, held = split_seeds(pool, held_out_count=held_n, salt=cfg.split_salt + ":seeds")
-    search = rest[: cfg.search_seeds]
-    overlap = {normalise_seed(s) for s in search} & {normalise_seed(s) for s in held}
-    if overlap:
-        raise AssertionError(f"replicate: {len(overlap)} seeds both searched and held out")
-    d = out / "seeds"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "search.txt").write_text("".join(s + "\n" for s in search), encoding="utf-8")
-    (d / "held_out.txt").write_text("".join(s + "\n" for s in held), encoding="utf-8")
-    if held_n < PAPER_MIN_HELD_OUT:
-        notes.append(f"{held_n} held-out seeds: fewer than the {PAPER_MIN_HELD_OUT} issue 12 asks for")
-    for n in notes:
+    rec = write_seed_split(files, search=cfg.search_seeds, held_out=cfg.held_out_seeds, salt=cfg.split_salt,
+                           out=out / "seeds")
+    if rec["held_out"] < PAPER_MIN_HELD_OUT:
+        rec["notes"].append(f"{rec['held_out']} held-out seeds: fewer than the {PAPER_MIN_HELD_OUT} issue 12 asks "
+                            "for (the EmpatheticDialogues test situations of shared/data give more)")
+    for n in rec["notes"]:
         _log(f"replicate: note: {n}")
-    return {"files": list(files), "pool": len(pool), "search": len(search), "held_out": len(held),
-            "search_file": str(d / "search.txt"), "held_out_file": str(d / "held_out.txt"), "disjoint": True,
-            "notes": notes}
-
-
-def strip_dialogue(d):
-    """The dialogue with every latent removed (texts, system and meta kept)."""
-    from sage_jax.sac import Turn
-
-    return d.replace(turns=tuple(Turn(t.role, t.text) for t in d.turns), meta={**d.meta, "latents": "stripped"})
+    return rec
 
 
 def make_data(cfg: Config, out: Path) -> dict:
     """data/sac_train.jsonl, data/sac_held_out.jsonl (by id hash) and data/sac_train_plain.jsonl."""
-    from sage_jax.data.jsonl import read_sac
-    from sage_jax.data.split import split_seeds
-    from sage_jax.sac import dialogue_to_json
+    from sage_jax.data.holdout import write_sac_split
 
-    dialogues = []
-    for f in cfg.sac_files:
-        ds, report = read_sac(f)
-        if report.skipped:
-            _log(report.summary(3))
-        dialogues += ds
-    ids = [d.id for d in dialogues]
-    if len(set(ids)) != len(ids):
-        raise ValueError("replicate: duplicate dialogue ids in sac_files (the held-out split is by id)")
-    if not 0 < cfg.sac_held_out < len(dialogues):
-        raise ValueError(f"replicate: sac_held_out must be in 1..{len(dialogues) - 1}, got {cfg.sac_held_out}")
-    _, held_ids = split_seeds(ids, held_out_count=cfg.sac_held_out, salt=cfg.split_salt + ":sac")
-    held_ids = set(held_ids)
-    train = [d for d in dialogues if d.id not in held_ids]
-    held = [d for d in dialogues if d.id in held_ids]
-    d = out / "data"
-    d.mkdir(parents=True, exist_ok=True)
-
-    def write(name, ds):
-        (d / name).write_text("".join(json.dumps(dialogue_to_json(x), ensure_ascii=False) + "\n" for x in ds),
-                              encoding="utf-8")
-        return str(d / name)
-
-    files = {"train": write("sac_train.jsonl", train), "held_out": write("sac_held_out.jsonl", held),
-             "train_plain": write("sac_train_plain.jsonl", [strip_dialogue(x) for x in train])}
-    return {"files": files, "sources": list(cfg.sac_files), "train": len(train), "held_out": len(held),
-            "disjoint": not ({x.id for x in train} & held_ids)}
+    return write_sac_split(cfg.sac_files, held_out=cfg.sac_held_out, salt=cfg.split_salt, out=out / "data",
+                           plain=True, log=_log)
 
 
 # ---------------------------------------------------------------- models
@@ -407,16 +346,6 @@ def flat_metrics(seeds: dict, data: dict, comparisons: dict, latent: dict, ppl: 
 
 
 # ---------------------------------------------------------------- report
-def _f(x, d: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{d}f}"
-
-
-def _rate(r: dict) -> str:
-    if not r or r.get("rate") is None:
-        return f"n/a (n={r.get('n', 0) if r else 0})"
-    return f"{r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
-
-
 def verdict(s: dict) -> str:
     """What a comparison's interval says about B (the system under test) against A."""
     r = s["win_rate_b_decided"]
@@ -452,56 +381,9 @@ def plot_win_rates(comparisons: dict, path: Path) -> Path:
     return path
 
 
-def plot_latent_fields(latent: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from sage_jax.eval.latent import SCALAR_FIELDS, TOPIC_FIELDS
-
-    fields = [*SCALAR_FIELDS, *TOPIC_FIELDS]
-    names = list(latent)
-    series = {}
-    first = next(iter(latent.values()))["generated"]["fields"]
-    series["majority baseline"] = [first[f].get("majority_baseline") or 0.0 for f in fields]
-    for n in names:
-        g = latent[n]["generated"]["fields"]
-        series[n] = [(g[f].get("accuracy") if f in SCALAR_FIELDS else g[f].get("jaccard")) or 0.0 for f in fields]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    w = 0.8 / len(series)
-    x = np.arange(len(fields))
-    for i, (n, vals) in enumerate(series.items()):
-        ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=n, color="#999" if i == 0 else None)
-    ax.set_xticks(x, fields, rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (topics: Jaccard)")
-    ax.set_title("Latent fields generated on held-out SAC dialogues")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_perplexity(ppl: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    names = [n for n, r in ppl["models"].items() if r.get("ratio") is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, [ppl["models"][n]["ratio"] for n in names], color="#48a")
-    ax.axhline(1.0, color="#999", linestyle="--")
-    ax.set_ylabel("perplexity / base perplexity")
-    ax.set_title("Held-out plain-text perplexity (replies, no latents)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def write_report(cfg: Config, out: Path, *, seeds: dict, data: dict, models: dict, comparisons: dict, latent: dict,
                  perplexity: dict, eval_judge: str) -> Path:
-    from sage_jax.eval.latent import SCALAR_FIELDS, TOPIC_FIELDS
-    from sage_jax.eval.perplexity import format_perplexity
-    from sage_jax.report import plot_losses
+    from sage_jax.report import fmt, latent_section, perplexity_section, plot_losses, rate_text
 
     heuristic = [j for j in {cfg.judge, eval_judge} if j.startswith("rules")]
     L = ["# SAGE, small-scale replication", ""]
@@ -531,37 +413,13 @@ def write_report(cfg: Config, out: Path, *, seeds: dict, data: dict, models: dic
           "B win rate, all pairs | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for s in comparisons.values():
         L.append(f"| {s['b']} | {s['a']} | {s['wins_b']} | {s['wins_a']} | {s['no_consensus']} | {s['total']} | "
-                 f"{_rate(s['win_rate_b_decided'])} | {_rate(s['win_rate_b_all'])} | {verdict(s)} |")
+                 f"{rate_text(s['win_rate_b_decided'])} | {rate_text(s['win_rate_b_all'])} | {verdict(s)} |")
     warns = sorted({w for s in comparisons.values() for w in s.get("warnings", ())})
     L += [""] + [f"- warning (compare): {w}" for w in warns] + [""]
     if comparisons:
         L += [f"![win rates]({plot_win_rates(comparisons, out / 'win_rates.png').name})", ""]
 
-    L += ["## Latent fields generated on held-out SAC dialogues", ""]
-    if latent:
-        names = list(latent)
-        gen = {n: latent[n]["generated"] for n in names}
-        first = gen[names[0]]
-        L += [f"{first['turns']} assistant turns of {latent[names[0]]['dialogues']} held-out dialogues: the history "
-              "up to the user's message is given, the latent prefix generated greedily, parsed and compared field by "
-              "field with the reference (topics: Jaccard overlap). Majority baseline: each field's most frequent "
-              "value in the training dialogues. Parse rate: turns whose prefix gave both a state and an action.", "",
-              "| field | majority baseline (value) | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]
-        for fld in (*SCALAR_FIELDS, *TOPIC_FIELDS):
-            b = first["fields"][fld]
-            key = "accuracy" if fld in SCALAR_FIELDS else "jaccard"
-            L.append(f"| {fld} | {_f(b.get('majority_baseline'))} ({b.get('majority_value')!r}) | "
-                     + " | ".join(_f(gen[n]['fields'][fld].get(key)) for n in names) + " |")
-        L.append("| parse rate | - | " + " | ".join(_f(gen[n].get("parse_rate")) for n in names) + " |")
-        L += ["", f"![latent fields]({plot_latent_fields(latent, out / 'latent_fields.png').name})", ""]
-
-    L += ["## General ability kept: held-out plain-text perplexity", "",
-          "Replies of the held-out SAC dialogues, latents stripped from the whole context, through each model's chat "
-          "template; ratio below 1: the model predicts the replies better than the base.", "",
-          format_perplexity(perplexity), ""]
-    if perplexity["models"]:
-        L += [f"![perplexity ratios]({plot_perplexity(perplexity, out / 'perplexity.png').name})", ""]
+    L += latent_section(latent, out) + perplexity_section(perplexity, out)
 
     runs = {}
     for loop in ("sage", "baseline"):
@@ -580,7 +438,7 @@ def write_report(cfg: Config, out: Path, *, seeds: dict, data: dict, models: dic
             name = "baseline" if loop == "baseline" else k
             ev = (v.get("evals") or [{}])[-1] if v.get("kind") in ("sft", "dpo") else None
             if ev is not None:
-                shown = ", ".join(f"{x} {_f(ev[x], 4)}" for x in ("loss", "latent_accuracy", "reward_accuracy")
+                shown = ", ".join(f"{x} {fmt(ev[x], 4)}" for x in ("loss", "latent_accuracy", "reward_accuracy")
                                   if isinstance(ev.get(x), (int, float)))
                 L.append(f"| {name} | {v['kind']} | `{Path(str(v.get('parent'))).name}` | {shown or 'n/a'} |")
             elif v.get("kind") == "search":

@@ -1,6 +1,6 @@
 """A small-scale replication that says whether SAGE works (issue 12, item 5).
 
-    python -m experiments.replicate --preset cpu                 # this 2-core CPU (time: not measured yet)
+    python -m experiments.replicate --preset cpu                 # this 2-core CPU (54 min measured under load)
     python -m experiments.replicate --preset gpu                 # one GPU (larger settings; time: not measured yet)
     python -m experiments.replicate --preset cpu judge=openai:M@URL eval_judge=openai:N@URL output_dir=runs/rep2
 

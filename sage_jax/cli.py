@@ -1,10 +1,19 @@
-"""`sage-jax` command line: a thin layer over the stage functions (one subcommand each)."""
+"""`sage-jax` command line: a thin layer over the stage functions (one subcommand each).
+
+Logging (the standard ``logging`` module) goes to stderr: ``sage_jax`` at INFO (resumes, skips,
+settings notes), the ``openai`` client at INFO (its retries, so a retrying judge does not look
+like a hang), everything else at WARNING. ``--debug`` (anywhere on the line) sets ``sage_jax`` to
+DEBUG and shows the traceback of an error; without it an error (an OS error, a bad value or
+config) is one line, ``sage-jax COMMAND: error: ...``, and the exit code is 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
+import traceback
 from typing import Literal
 
 from sage_jax import __version__
@@ -33,8 +42,11 @@ def demo_report(path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sage-jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sage-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sage-jax {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging and full tracebacks (may also follow the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from sage_jax.config import add_config_command
@@ -87,12 +99,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and tools swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def configure_logging(debug: bool = False) -> None:
+    """One stderr handler on the root logger (installed once); levels as in the module docstring."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("sage_jax").setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("openai").setLevel(logging.INFO)  # "Retrying request in 0.5 seconds (retry 1 of 5)"
+
+
+def error_line(e: BaseException) -> str:
+    """An error as one line; an OS error names its path (``Is a directory: out.jsonl``)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    configure_logging(debug)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # user-facing errors: one clear line
-        print(f"sage-jax: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:  # user-facing errors: one clear line
+        if debug:
+            traceback.print_exc()
+        print(f"{getattr(args, 'command_prog', 'sage-jax')}: error: {error_line(e)}", file=sys.stderr)
         return 1
 
 

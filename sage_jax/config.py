@@ -595,5 +595,5 @@ def add_config_command(subparsers, name: str, target: str, *, help: str, descrip
         m = meta[0] if meta else field.upper()
         p.add_argument(f"arg_{field}", nargs="?", default=None, metavar=m, help=f"{field}={m}")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (fields below)")
-    p.set_defaults(func=functools.partial(_run_target, spec, show))
+    p.set_defaults(func=functools.partial(_run_target, spec, show), command_prog=p.prog)  # for error lines
     return p

@@ -6,16 +6,22 @@
     pairs = search with the last model;  final = DPO(last model, pairs)
 
 Each stage writes into its own folder under output_dir and records itself in lineage.json (inputs,
-outputs, parent model, config) when done; a rerun skips finished stages, and the stage runners
-themselves resume mid-stage (SFT/DPO from checkpoints, search per seed). A stage's model is exported
-from its run's best checkpoint when the run recorded one (DPO keeps its best by validation loss),
-else its latest (:func:`sage_jax.model.loader.choose_step`); later stages load that export.
+outputs, parent model, config, and ``settings``: what defines its result) when done; a rerun skips
+finished stages, and the stage runners themselves resume mid-stage (SFT/DPO from checkpoints,
+search per seed). A finished stage whose recorded settings differ from the current ones stops the
+rerun with a message naming the stage and the changed fields (``allow_changed_config=true`` keeps
+the finished stage anyway, with a warning, and lets an unfinished training stage continue under
+the new settings); a record from before settings were recorded is reused with a logged note. A
+stage's model is exported from its run's best checkpoint when the run recorded one (DPO keeps its
+best by validation loss), else its latest (:func:`sage_jax.model.loader.choose_step`); later
+stages load that export.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,7 +31,12 @@ from sage_jax.config import to_dict
 from sage_jax.model.loader import load_run
 from sage_jax.search.tree import SearchConfig, run_search
 from sage_jax.train.dpo import DPORunConfig, run_dpo
+from sage_jax.train.settings import SettingsChanged, changed_fields, describe_changes, result_settings, run_settings
 from sage_jax.train.sft import SFTConfig, run_sft
+
+logger = logging.getLogger(__name__)
+# Search settings that say where and how fast, not what is searched.
+SEARCH_NOT_RESULT = frozenset({"output_dir", "judge_cache", "mesh", "progress"})
 
 
 def _sample_files() -> tuple[str, ...]:
@@ -49,6 +60,9 @@ class LoopConfig:
     round_sft: SFTConfig = SFTConfig(epochs=1.0)
     search: SearchConfig = SearchConfig()
     dpo_run: DPORunConfig = DPORunConfig()
+    # A finished stage recorded with other settings stops the rerun; true: keep it (warning), and
+    # let unfinished training stages continue under changed settings.
+    allow_changed_config: bool = False
 
 
 class Lineage:
@@ -95,40 +109,68 @@ def blend_m1_data(files, run_dir: Path, seed: int, log: Callable[[str], None]) -
                   "too_short_to_blend": report.dropped_by_blend, "seed": seed}
 
 
+def check_stage(name: str, rec: dict, settings: dict, *, allow_changed: bool, lineage_path: Path) -> None:
+    """Refuse to reuse a finished stage whose recorded settings differ from ``settings``."""
+    old = rec.get("settings")
+    if old is None:
+        logger.info("loop: stage %s was recorded without its settings (an older lineage.json): reused unchecked",
+                    name)
+        return
+    if old == settings:
+        return
+    detail = describe_changes(old, settings)
+    if not allow_changed:
+        raise SettingsChanged(
+            f"loop: stage {name!r} finished with other settings; changed: {detail}. Use a new output_dir, delete "
+            f"the stage's record from {lineage_path} (and its folder) to redo it, or pass "
+            f"allow_changed_config=true to keep it", changed_fields(old, settings))
+    logger.warning("loop: keeping finished stage %s although its settings changed (allow_changed_config): %s",
+                   name, detail)
+
+
 def run_loop(cfg: LoopConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lineage = Lineage(out / "lineage.json")
     sac = cfg.sac_files or _sample_files()
 
-    def stage(name: str, fn: Callable[[], dict]) -> dict:
+    def stage(name: str, settings: dict, fn: Callable[[], dict]) -> dict:
+        settings = json.loads(json.dumps(settings, default=str))
         if (rec := lineage.done(name)) is not None:
+            check_stage(name, rec, settings, allow_changed=cfg.allow_changed_config, lineage_path=lineage.path)
             log(f"loop: {name} already done, skipping")
             return rec
         log(f"loop: {name} ...")
-        return lineage.record(name, **fn())
+        return lineage.record(name, **fn(), settings=settings)
 
     def sft_stage(name: str, template: SFTConfig, model: str, files, blend: bool = False) -> dict:
+        data = [str(out / name / M1_BLENDED)] if blend else [str(f) for f in files]
+        c = dataclasses.replace(template, model=dataclasses.replace(template.model, path=model),
+                                train_files=tuple(data), output_dir=str(out / name),
+                                allow_changed_config=cfg.allow_changed_config)
+        # blended data is written by the stage: its sources (and the blend seed, sft's seed) define it
+        settings = run_settings(c, files if blend else data)
+        if blend:
+            settings["blend_sources"] = settings.pop("data")
+
         def fn():
-            data, extra = list(files), {}
+            extra = {}
             if blend:
-                path, extra["blend"] = blend_m1_data(files, out / name, template.seed, log)
-                data = [str(path)]
-            c = dataclasses.replace(template, model=dataclasses.replace(template.model, path=model),
-                                    train_files=tuple(data), output_dir=str(out / name))
+                _, extra["blend"] = blend_m1_data(files, out / name, template.seed, log)
             summary = run_sft(c)
             hf = export_model(out / name, out / f"{name}_hf")
             return {"kind": "sft", "parent": model, "data": data, **extra, "model": str(hf), "run": str(out / name),
                     "evals": summary["evals"], "config": to_dict(c)}
-        return stage(name, fn)
+        return stage(name, settings, fn)
 
     def search_stage(name: str, model_run: str) -> dict:
+        c = dataclasses.replace(cfg.search, model=model_run, output_dir=str(out / name))
+
         def fn():
-            c = dataclasses.replace(cfg.search, model=model_run, output_dir=str(out / name))
             summary = run_search(c)
             return {"kind": "search", "model": model_run, "sft_data": str(out / name / "sft.jsonl"),
                     "pairs": str(out / name / "pairs.jsonl"), "summary": summary, "config": to_dict(c)}
-        return stage(name, fn)
+        return stage(name, result_settings(c, SEARCH_NOT_RESULT), fn)
 
     m = sft_stage("m1", cfg.sft, cfg.base_model, sac, blend=cfg.blend_m1)
     for r in range(1, cfg.rounds + 1):
@@ -139,15 +181,16 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] = lambda m: print(m, fi
         s = search_stage("search_dpo", m["run"])
         parent = m["model"]
 
+        dc = dataclasses.replace(cfg.dpo_run, model=dataclasses.replace(cfg.dpo_run.model, path=parent),
+                                 train_files=(s["pairs"],), output_dir=str(out / "dpo"),
+                                 allow_changed_config=cfg.allow_changed_config)
+
         def dpo_fn():
-            c = dataclasses.replace(cfg.dpo_run, model=dataclasses.replace(cfg.dpo_run.model, path=parent),
-                                    train_files=(s["pairs"],),
-                                    output_dir=str(out / "dpo"))
-            summary = run_dpo(c)
+            summary = run_dpo(dc)
             hf = export_model(out / "dpo", out / "dpo_hf")
             return {"kind": "dpo", "parent": parent, "data": [s["pairs"]], "model": str(hf), "run": str(out / "dpo"),
-                    "evals": summary["evals"], "config": to_dict(c)}
+                    "evals": summary["evals"], "config": to_dict(dc)}
 
-        d = stage("dpo", dpo_fn)
+        d = stage("dpo", run_settings(dc, dc.train_files), dpo_fn)
         result = {"final_model": d["model"], "final_run": d["run"]}
     return {**result, "lineage": str(out / "lineage.json"), "stages": list(lineage.stages)}

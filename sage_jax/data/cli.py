@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
@@ -47,9 +48,15 @@ def convert(cfg: ConvertConfig) -> int:
     _need(cfg.format, "data convert: format= (--format)")
     _need(cfg.input, "data convert: input= (IN)")
     _need(cfg.output, "data convert: output= (-o OUT.jsonl)")
+    if not Path(cfg.input).exists():
+        raise FileNotFoundError(errno.ENOENT, "file not found", cfg.input)
     report = ReadReport(cfg.input, strict=cfg.strict)
     with JsonlWriter(cfg.output, append=False) as w:  # written to OUT.tmp, renamed on success
         w.write_all(iter_corpus(cfg.format, cfg.input, report, progress=_progress(cfg)))
+        if not w.count:  # an empty OUT would look like a finished conversion: keep the old one
+            print(report.summary(), file=sys.stderr)
+            raise ValueError(f"no valid dialogue in {cfg.input} ({report.records} records, {report.skipped} "
+                             f"skipped); {cfg.output} not written")
     print(report.summary(), file=sys.stderr)
     print(f"wrote {report.converted} dialogues to {cfg.output}")
     return 0
@@ -115,8 +122,10 @@ def mix_command(cfg: MixConfig) -> int:
     spec = load_mix_spec(cfg.spec)
     dialogues, report = mix(spec, seed=cfg.seed, blend_dialogues=cfg.blend, base_dir=Path(cfg.spec).parent,
                             strict=cfg.strict, progress=_progress(cfg))
-    write_sac(cfg.output, dialogues)
     print(report.summary(), file=sys.stderr)
+    if not dialogues:
+        raise ValueError(f"no valid dialogue in the sources of {cfg.spec}; {cfg.output} not written")
+    write_sac(cfg.output, dialogues)
     print(f"wrote {len(dialogues)} dialogues to {cfg.output}")
     return 0
 

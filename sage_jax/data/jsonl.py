@@ -11,6 +11,7 @@ stage that is killed keeps every finished record; on reopening it drops a torn l
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -180,6 +181,8 @@ class JsonlWriter:
 
     def __init__(self, path: str | os.PathLike, *, append: bool = True):
         self.path = Path(path)
+        if self.path.is_dir():  # checked first: the rename at the end would fail after all the work
+            raise IsADirectoryError(errno.EISDIR, "output is a directory, expected a file", str(self.path))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.append, self.count = append, 0
         if append:

@@ -30,7 +30,7 @@ class _Common:
     batch_size: int = 16  # prompts per generation batch
     template: str | None = None  # chat template name or jinja (default: the model's own)
     seed: int = 0  # sampling seed
-    cache_dir: str | None = None  # completion cache for openai: backends (default $SAGE_JAX_CACHE/judge)
+    cache_dir: str | None = None  # completion cache for openai: backends (default: judge_cache/ in the output's folder)
     cache: bool = True  # use the completion cache
     progress: bool = True  # progress bar
     # Layout of a model of ours on this process's devices (default one device); e.g. mesh.data=4
@@ -38,15 +38,16 @@ class _Common:
     mesh: parallel.MeshConfig = parallel.SINGLE_DEVICE
 
 
-def _backend_opts(cfg: _Common) -> dict:
-    """Options for make_chat_backend (cache: openai: only; batch size / template: models only)."""
-    from sage_jax.judge.base import default_cache_dir
+def _backend_opts(cfg: _Common, output: str, *, output_is_dir: bool = False) -> dict:
+    """Options for make_chat_backend (cache: openai: only, by default beside the output; batch size /
+    template: models only)."""
+    from sage_jax.judge.base import output_cache_dir
 
     opts = {"batch_size": cfg.batch_size, "mesh": cfg.mesh}
     if cfg.template:
         opts["template"] = cfg.template
     if cfg.cache:
-        opts["cache_dir"] = cfg.cache_dir or default_cache_dir()
+        opts["cache_dir"] = cfg.cache_dir or output_cache_dir(output, is_dir=output_is_dir)
     return opts
 
 
@@ -99,7 +100,7 @@ def eq_bench_command(cfg: EQBenchRunConfig) -> int:
     bench = eq_bench.EQBenchConfig(questions=cfg.questions, limit=cfg.limit, max_attempts=cfg.attempts,
                                    max_tokens=cfg.max_tokens, seed=cfg.seed, d5_sigmoid=cfg.d5_sigmoid,
                                    progress=_progress(cfg))
-    res = eq_bench.run_eq_bench(backend, out, bench, **_backend_opts(cfg))
+    res = eq_bench.run_eq_bench(backend, out, bench, **_backend_opts(cfg, out))
     if res.n_done_before:
         print(f"resumed: {res.n_done_before} question(s) already in {out}", file=sys.stderr)
     summary = Path(str(out) + ".summary.json")
@@ -139,7 +140,8 @@ def mt_bench_command(cfg: MTBenchRunConfig) -> int:
                                    max_tokens=cfg.max_tokens, judge_max_tokens=cfg.judge_max_tokens,
                                    tries=cfg.tries, seed=cfg.seed, mode=cfg.mode, progress=_progress(cfg))
     # one option set for model, baseline and judge: each backend keeps what applies to it
-    summary = mt_bench.run_mt_bench(cfg.model, cfg.judge, out, bench, baseline=cfg.baseline, **_backend_opts(cfg))
+    summary = mt_bench.run_mt_bench(cfg.model, cfg.judge, out, bench, baseline=cfg.baseline,
+                                    **_backend_opts(cfg, out, output_is_dir=True))
     print(mt_bench.format_summary(summary))
     print(f"per-item results and summary.json in {out}", file=sys.stderr)
     return 0

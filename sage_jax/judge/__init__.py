@@ -20,8 +20,8 @@ No JAX import here (only ``local:`` loads it, lazily).
 from sage_jax.judge.annotate import (AnnotateReport, AnnotationError, AnnotationFailure, annotate_dialogues,
                                      annotate_file, iter_annotate, parse_annotation)
 from sage_jax.judge.base import (CachingJudge, Completion, CompletionCache, Judge, JudgeConfig, JudgeSpec,
-                                 JudgeStats, RetryPolicy, default_cache_dir, make_judge, parse_spec,
-                                 redact)
+                                 JudgeStats, RetryPolicy, default_cache_dir, make_judge, output_cache_dir,
+                                 parse_spec, redact)
 from sage_jax.judge.prompts import (COMPANION_RUBRIC, HUMOUR_RUBRIC, PAIRWISE_RUBRIC, annotation_prompt,
                                     best_of_k_prompt, pairwise_prompt, parse_prompt)
 from sage_jax.judge.rules import RulesJudge, score_reply
@@ -30,7 +30,7 @@ from sage_jax.judge.verdicts import (PairResult, Selection, Verdict, compare_dia
 
 __all__ = [
     "Completion", "Judge", "JudgeStats", "JudgeSpec", "JudgeConfig", "RetryPolicy", "CompletionCache",
-    "CachingJudge", "make_judge", "parse_spec", "redact", "default_cache_dir",
+    "CachingJudge", "make_judge", "parse_spec", "redact", "default_cache_dir", "output_cache_dir",
     "RulesJudge", "score_reply", "COMPANION_RUBRIC", "HUMOUR_RUBRIC", "PAIRWISE_RUBRIC", "best_of_k_prompt",
     "pairwise_prompt", "annotation_prompt", "parse_prompt", "Verdict", "parse_best_of_k", "parse_pairwise",
     "Selection", "select_best", "rank_top", "selection_summary", "compare_dialogues", "compare_with_swap", "PairResult",

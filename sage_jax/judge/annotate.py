@@ -33,6 +33,7 @@ judge that produced the labels (``rules:v1`` for the heuristic one).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -251,6 +252,8 @@ def read_dialogues(path: str | os.PathLike, fmt: str = "auto", *, progress: bool
     from sage_jax.data.jsonl import read_sac
     from sage_jax.data.readers import detect_format, read_corpus
 
+    if not Path(path).exists():  # not "cannot tell the format"
+        raise FileNotFoundError(errno.ENOENT, "file not found", str(path))
     if fmt == "auto":
         fmt = detect_format(path) or ("sharegpt" if Path(path).is_dir() else "")
         if fmt not in ("sharegpt", "sac"):

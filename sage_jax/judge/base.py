@@ -16,9 +16,17 @@ Specs (DESIGN.md §6):
   JAX sampler with the tokenizer's chat template (:mod:`sage_jax.judge.local`).
 
 Cache: :class:`CompletionCache`, one SQLite file ``completions.sqlite`` under ``cache_dir``,
-keyed by the sha256 of (backend, model, prompt, sampling params); only successful completions are
-stored, each as soon as it arrives, so a rerun or a resumed run sends no request for a cached
-prompt. The base URL is not part of the key (the same model behind a new port is a cache hit).
+keyed by the sha256 of (backend, endpoint, model, identity, prompt, sampling params): the endpoint
+is the base URL (two servers answering to one model name never share answers), the identity what
+the client knows of the served weights (``openai:``: the ``identity`` option, e.g. a revision, or
+``identity="auto"``: read once from ``GET /models/MODEL``; ``local:``: the checkpoint step and the
+model files' sizes and times). Only successful completions are stored, each as soon as it arrives,
+so a rerun or a resumed run sends no request for a cached prompt. The commands keep the cache in
+their output directory (``judge_cache/``) unless ``cache_dir`` names another.
+
+The API key is sent only over https or to a loopback host (``127.0.0.1``, ``::1``,
+``localhost``): a key with a plain ``http://`` URL to any other host is refused unless
+``allow_insecure=True`` or ``SAGE_JUDGE_ALLOW_INSECURE=1``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Completion", "Judge", "JudgeStats", "RetryPolicy", "CompletionCache", "CachingJudge", "JudgeSpec",
-           "JudgeConfig", "parse_spec", "make_judge", "redact", "default_cache_dir"]
+           "JudgeConfig", "parse_spec", "make_judge", "redact", "default_cache_dir", "output_cache_dir"]
 
 log = logging.getLogger("sage_jax.judge")
 
@@ -120,8 +128,16 @@ class RetryPolicy:
 
 
 # ---------------------------------------------------------------- cache
+def output_cache_dir(output: str | os.PathLike, *, is_dir: bool = False) -> Path:
+    """The default completion cache of a command: ``judge_cache/`` in its output directory (the
+    directory itself when ``is_dir``, else the output file's folder)."""
+    out = Path(output)
+    return (out if is_dir else out.parent) / "judge_cache"
+
+
 def default_cache_dir() -> Path:
-    """``$SAGE_JAX_CACHE/judge`` (default ``~/.cache/sage_jax/judge``)."""
+    """``$SAGE_JAX_CACHE/judge`` (default ``~/.cache/sage_jax/judge``): a cache shared by every run,
+    for ``cache_dir=`` when that is wanted (the commands default to :func:`output_cache_dir`)."""
     root = os.environ.get("SAGE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sage_jax")
     return Path(root) / "judge"
 
@@ -147,9 +163,10 @@ class CompletionCache:
                              "backend TEXT, model TEXT, created REAL)")
 
     @staticmethod
-    def key(backend: str, model: str, prompt: str, params: Mapping[str, Any]) -> str:
-        blob = json.dumps({"v": 1, "backend": backend, "model": model, "prompt": prompt, "params": dict(params)},
-                          sort_keys=True, ensure_ascii=False)
+    def key(backend: str, model: str, prompt: str, params: Mapping[str, Any], *, endpoint: str = "",
+            identity: str = "") -> str:
+        blob = json.dumps({"v": 2, "backend": backend, "endpoint": endpoint, "model": model, "identity": identity,
+                           "prompt": prompt, "params": dict(params)}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -182,6 +199,8 @@ class CachingJudge:
     backend: str = ""
     model: str = ""
     name: str = ""
+    endpoint: str = ""  # where the model is served (the base URL); part of the cache key
+    identity: str = ""  # what is known of the served weights; part of the cache key
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.cache = CompletionCache(cache_dir) if cache_dir is not None else None
@@ -203,7 +222,8 @@ class CachingJudge:
         out: list[Completion | None] = [None] * len(prompts)
         misses: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
-            key = CompletionCache.key(self.backend, self.model, p, params)
+            key = CompletionCache.key(self.backend, self.model, p, params, endpoint=self.endpoint,
+                                      identity=self.identity)
             text = self.cache.get(key) if self.cache is not None else None
             if text is not None:
                 out[i] = Completion(text, cached=True)
@@ -279,10 +299,15 @@ class JudgeConfig:
     timeout: float = 60.0
     max_attempts: int = 6  # HTTP attempts per request (openai:), retried by the openai client
     max_concurrency: int = 8
+    identity: str | None = None  # openai: the served weights (a revision), or "auto": from GET /models/MODEL
+    allow_insecure: bool = False  # openai: allow sending the API key over plain http to a non-loopback host
 
     def make(self) -> Judge:
+        opts: dict[str, Any] = {}
+        if parse_spec(self.spec).kind == "openai":
+            opts = dict(identity=self.identity, allow_insecure=self.allow_insecure)
         return make_judge(self.spec, cache_dir=self.cache_dir, timeout=self.timeout,
-                          retry=RetryPolicy(self.max_attempts), max_concurrency=self.max_concurrency)
+                          retry=RetryPolicy(self.max_attempts), max_concurrency=self.max_concurrency, **opts)
 
 
 def make_judge(spec: str, *, cache_dir: str | os.PathLike | None = None, **options: Any) -> Judge:
@@ -290,8 +315,8 @@ def make_judge(spec: str, *, cache_dir: str | os.PathLike | None = None, **optio
 
     ``options`` go to the backend: for ``openai:`` ``timeout``, ``retry`` (a :class:`RetryPolicy`),
     ``max_concurrency``, ``api_key``, ``base_url``, ``system``, ``extra_body``,
-    ``max_tokens_field``; for ``local:`` ``batch_size`` and ``mesh`` (a ``parallel.MeshConfig``: the judge
-    model's layout; ignored by the others). ``rules:`` takes none (and no cache).
+    ``max_tokens_field``, ``identity``, ``allow_insecure``; for ``local:`` ``batch_size`` and ``mesh``
+    (a ``parallel.MeshConfig``: the judge model's layout; ignored by the others). ``rules:`` takes none (and no cache).
     """
     s = parse_spec(spec)
     if s.kind == "rules":

@@ -7,6 +7,7 @@ never load JAX.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -15,6 +16,15 @@ from sage_jax.judge.base import CachingJudge, Completion
 from sage_jax.model import loader, param_axes
 
 log = logging.getLogger("sage_jax.judge")
+
+
+def _identity(path: str, loaded_name: str) -> str:
+    """The cache identity of a local model: the loader's name (a run directory's checkpoint step)
+    and the sizes and modification times of the directory's files (an overwritten model is new)."""
+    files = []
+    if os.path.isdir(path):
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
+    return json.dumps({"name": loaded_name, "files": files})
 
 
 class LocalJudge(CachingJudge):
@@ -34,7 +44,8 @@ class LocalJudge(CachingJudge):
         self.model = expanded if expanded == "smollm2" else os.path.realpath(expanded)
         self.name = f"local:{path}"
         self.batch_size = int(batch_size)
-        self.cfg, self.params, self.tokenizer, _ = loader.load(expanded)
+        self.cfg, self.params, self.tokenizer, loaded_name = loader.load(expanded)
+        self.identity = _identity(expanded, loaded_name)
         # mesh (parallel.MeshConfig): lay the judge model out on this process's devices (None: as is)
         self.params = parallel.place_params(param_axes(self.cfg), self.params, mesh)
 

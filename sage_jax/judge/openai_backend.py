@@ -13,25 +13,64 @@ A call that still fails, or a response with no text content (malformed), is a
 unparseable verdict, is the caller's (``select_best(..., tries=)``, ``annotate_dialogues(..., tries=)``).
 
 The API key is held by the client only: it is not part of the judge's name, repr, cache key or
-cache rows, and it is redacted from every error message (servers sometimes echo it back).
+cache rows, and it is redacted from every error message (servers sometimes echo it back). It is
+sent only over https or to a loopback host: a key with ``http://`` to any other host raises
+(:func:`check_transport`) unless ``allow_insecure=True`` or ``SAGE_JUDGE_ALLOW_INSECURE=1``.
+
+The cache key holds the base URL and ``identity``: ``None`` (the name is all that is known),
+a string naming the served weights (a revision, a checkpoint hash), or ``"auto"``: one
+``GET {base_url}/models/{model}`` at construction, whose stable fields (``id``, vLLM's ``root``,
+``parent``, ``owned_by``) become the identity; that costs one request per run, even a cached one.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 
 from sage_jax.judge.base import CachingJudge, Completion, RetryPolicy, redact
 
-__all__ = ["OpenAIJudge", "DEFAULT_BASE_URL"]
+__all__ = ["OpenAIJudge", "DEFAULT_BASE_URL", "check_transport", "is_loopback", "INSECURE_ENV"]
 
 log = logging.getLogger("sage_jax.judge")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _RETRY_COUNT_HEADER = "x-stainless-retry-count"  # set by the client on every attempt (0, 1, ...)
+INSECURE_ENV = "SAGE_JUDGE_ALLOW_INSECURE"
+_IDENTITY_FIELDS = ("id", "root", "parent", "owned_by")  # not "created": vLLM sets it to the request time
+
+
+def is_loopback(host: str | None) -> bool:
+    """``localhost``, or an IP address on the loopback network (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(base_url: str, *, sends_key: bool, allow_insecure: bool = False) -> None:
+    """Refuse to send an API key in clear text: over ``http://`` only to a loopback host, unless
+    ``allow_insecure`` or ``$SAGE_JUDGE_ALLOW_INSECURE`` is 1/true."""
+    parts = urlsplit(base_url)
+    if not sends_key or parts.scheme == "https" or is_loopback(parts.hostname):
+        return
+    if allow_insecure or os.environ.get(INSECURE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        log.warning("openai judge: sending the API key over %s to %s (allowed explicitly)", parts.scheme,
+                    parts.hostname)
+        return
+    raise ValueError(f"openai judge: refusing to send the API key over {parts.scheme}:// to {parts.hostname} "
+                     f"(not https, not loopback); use https, or allow it with allow_insecure=true or "
+                     f"{INSECURE_ENV}=1")
 
 
 def _attempts(request: Any) -> int:
@@ -59,7 +98,8 @@ class OpenAIJudge(CachingJudge):
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  cache_dir: str | os.PathLike | None = None, timeout: float = 60.0,
                  retry: RetryPolicy | None = None, max_concurrency: int = 8, system: str | None = None,
-                 extra_body: dict[str, Any] | None = None, max_tokens_field: str = "max_tokens"):
+                 extra_body: dict[str, Any] | None = None, max_tokens_field: str = "max_tokens",
+                 identity: str | None = None, allow_insecure: bool = False):
         super().__init__(cache_dir)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -71,11 +111,13 @@ class OpenAIJudge(CachingJudge):
         self.name = f"openai:{model}"
         self.base_url = (base_url or os.environ.get("SAGE_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or DEFAULT_BASE_URL).rstrip("/")
+        self.endpoint = self.base_url
         key = api_key or os.environ.get("SAGE_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         if not key:
             if self.base_url == DEFAULT_BASE_URL:
                 raise ValueError("openai judge: no API key (set SAGE_JUDGE_API_KEY or OPENAI_API_KEY)")
             key = "EMPTY"  # local servers (vLLM, sage-jax serve) accept any key
+        check_transport(self.base_url, sends_key=key != "EMPTY", allow_insecure=allow_insecure)
         self._secrets = (key,)
         self.timeout = float(timeout)
         self.retry = retry or RetryPolicy()
@@ -85,6 +127,18 @@ class OpenAIJudge(CachingJudge):
         self.max_tokens_field = max_tokens_field
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout,
                                      max_retries=self.retry.max_attempts - 1)
+        self.identity = self._served_identity() if identity == "auto" else (identity or "")
+
+    def _served_identity(self) -> str:
+        """The stable fields of ``GET /models/MODEL`` as the cache identity (``identity="auto"``)."""
+        try:
+            card = self._client.models.retrieve(self.model).model_dump()
+        except openai.OpenAIError as e:
+            raise ValueError(f"openai judge: cannot read the served model's identity from {self.base_url}/models/"
+                             f"{self.model}: {redact(str(e), self._secrets)}; give identity= explicitly") from None
+        ident = {k: card[k] for k in _IDENTITY_FIELDS if card.get(k) is not None}
+        log.info("%s: served model identity %s", self.name, ident)
+        return json.dumps(ident, sort_keys=True)
 
     # the system prompt and extra body change the answer: they are part of the cache key
     def _params(self, temperature, max_tokens, seed):

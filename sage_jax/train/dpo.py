@@ -4,7 +4,8 @@
 
 Chosen and rejected run in one forward; reference log-probs come from the frozen starting model
 (the LoRA base, or the initial weights for full fine-tuning), computed once before training and
-cached in output_dir. Defaults: sigmoid loss, beta 0.1, ftx 1.0, LoRA q/v r=8, lr 1e-5 cosine
+cached in output_dir (keyed by the model's identity and the encoded pairs, written atomically).
+Defaults: sigmoid loss, beta 0.1, ftx 1.0, LoRA q/v r=8, lr 1e-5 cosine
 with 20 warmup steps, 3 epochs, batch 8 pairs per device (paper), max length 4096, evaluation every
 100 steps keeping the best checkpoint by validation loss (``keep_best``: ``best.json``, restored by
 the run-directory loader, so export, search, eval and the loop use it). Pairs are not packed (one
@@ -16,8 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import math
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import grain
@@ -29,11 +34,13 @@ from sage_jax.data.encode import split_eval
 from sage_jax.data.pairs import PreferencePair, last_turn_only, read_pairs
 from sage_jax.data.tokenize import encode_dialogue
 from sage_jax.model import num_params
+from sage_jax.model.loader import ModelSpec, resolve_model_path
 from sage_jax.train import steps
 from sage_jax.train.losses import DPOConfig
 from sage_jax.train.sft import TrainRunConfig
-from sage_jax.train.trainer import init_train_state, prepare_run, to_global, train_loop
+from sage_jax.train.trainer import check_run_settings, init_train_state, prepare_run, to_global, train_loop
 
+log = logging.getLogger(__name__)
 ROW = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -82,18 +89,46 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, template, seq_len, late
     return out
 
 
-def reference_logps(spec: steps.StepSpec, trainable, frozen, pairs: list[dict], batch: int, cache: Path) -> None:
-    """Fill pair["ref_chosen"/"ref_rejected"] from the frozen starting model, cached on disk
-    (keyed by the pairs' content), so a resumed run never recomputes them."""
-    key = hashlib.sha256()
+def model_identity(model: ModelSpec, model_cfg) -> dict:
+    """What the reference log-probs depend on besides the rows: the model spec, the resolved model
+    directory and its files' sizes and modification times (a re-exported model counts as new), the
+    model config."""
+    path = resolve_model_path(model.path)
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).iterdir()) if p.is_file()}
+    return {"spec": dataclasses.asdict(model), "path": os.path.realpath(path), "files": files,
+            "config": dataclasses.asdict(model_cfg)}
+
+
+def reference_key(pairs: list[dict], model: Mapping) -> str:
+    """The cache key of reference log-probs: the model's identity and every row's tokens and mask."""
+    key = hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode())
     for p in pairs:
         for side in ("chosen", "rejected"):
             key.update(p[side]["inputs"].tobytes())
             key.update(p[side]["loss_mask"].tobytes())
-    digest = key.hexdigest()[:16]
-    path = cache / f"reference_logps_{digest}.npy"
+    return key.hexdigest()[:16]
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary name, then rename: a kill mid-write never leaves a truncated cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def reference_logps(spec: steps.StepSpec, trainable, frozen, pairs: list[dict], batch: int, cache: Path,
+                    model: Mapping | None = None) -> None:
+    """Fill pair["ref_chosen"/"ref_rejected"] from the frozen starting model, cached on disk
+    (keyed by ``model``, :func:`model_identity`, and the pairs' content; written atomically), so a
+    resumed run never recomputes them and another model or data never reuses them."""
+    path = cache / f"reference_logps_{reference_key(pairs, model or {})}.npy"
     if path.exists():
         ref = np.load(path)
+        log.info("dpo: reference log-probs from %s", path)
     else:
         fn = jax.jit(lambda t, fz, b: steps.sequence_logprobs(spec, t, fz, b)[0])
         rows = [p[s] for p in pairs for s in ("chosen", "rejected")]
@@ -105,8 +140,7 @@ def reference_logps(spec: steps.StepSpec, trainable, frozen, pairs: list[dict], 
             vals.append(np.asarray(fn(trainable, frozen, stacked))[: len(rows[i: i + batch])])
         ref = np.concatenate(vals).reshape(len(pairs), 2)
         if jax.process_index() == 0:
-            cache.mkdir(parents=True, exist_ok=True)
-            np.save(path, ref)
+            _save_atomic(path, ref)
     for p, (c, r) in zip(pairs, ref):
         p["ref_chosen"], p["ref_rejected"] = np.float32(c), np.float32(r)
 
@@ -150,6 +184,7 @@ def run_dpo(cfg: DPORunConfig) -> dict:
         raise ValueError("dpo: train_files is empty (give preference-pair JSONL files)")
     run = prepare_run(cfg.model, cfg.mesh, cfg.output_dir)
     out, mesh, model_cfg, params, tokenizer = run.out, run.mesh, run.model_cfg, run.params, run.tokenizer
+    check_run_settings(cfg, out, "dpo")
 
     def read(files):
         pairs = []
@@ -182,9 +217,10 @@ def run_dpo(cfg: DPORunConfig) -> dict:
     state, s_shard, frozen, f_shard = init_train_state(spec, tx, params, cfg.seed, mesh)
     # The reference is the starting policy (LoRA: b = 0, so adapters + base = the base model).
     ref_batch = max(2, 2 * micro)
+    identity = model_identity(cfg.model, model_cfg)
     for pairs in (train_x, eval_x):
         if pairs:
-            reference_logps(spec, state["params"], frozen, pairs, ref_batch, out)
+            reference_logps(spec, state["params"], frozen, pairs, ref_batch, out, identity)
     rows = {k: np.zeros((accum, micro * hosts, cfg.seq_len), np.int32) for k in ROW}
     example = {"chosen": rows, "rejected": rows, "ref_chosen": np.zeros((accum, micro * hosts), np.float32),
                "ref_rejected": np.zeros((accum, micro * hosts), np.float32)}

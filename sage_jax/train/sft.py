@@ -36,7 +36,7 @@ from sage_jax.model import num_params
 from sage_jax.model.lora import LoraConfig
 from sage_jax.model.loader import ModelSpec
 from sage_jax.train import steps
-from sage_jax.train.trainer import init_train_state, prepare_run, to_global, train_loop
+from sage_jax.train.trainer import check_run_settings, init_train_state, prepare_run, to_global, train_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,10 @@ class TrainRunConfig:
     # Also checkpoint every new best validation loss (evaluations after step 0), keep it beyond
     # `keep`, record it in <output_dir>/best.json; the run-dir loader then restores it by default.
     keep_best: bool = False
+    # A resume whose result-defining settings (settings.json: config minus output_dir, max_steps,
+    # epochs, eval/save/log cadence, mesh...; data file contents) changed stops, naming the
+    # changed fields; true: continue under the new settings (logged).
+    allow_changed_config: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +160,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         raise ValueError("sft: train_files is empty (give SAC JSONL files: train_files=[a.jsonl,b.jsonl])")
     run = prepare_run(cfg.model, cfg.mesh, cfg.output_dir)
     out, mesh, model_cfg, params, tokenizer = run.out, run.mesh, run.model_cfg, run.params, run.tokenizer
+    check_run_settings(cfg, out, "sft")
 
     train_d = read_dialogues(cfg.train_files, cfg.strict_data)
     if cfg.eval_files:

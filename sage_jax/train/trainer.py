@@ -13,6 +13,11 @@ the ``keep`` latest (:class:`~sage_jax.train.checkpoint.Checkpointer`) and the r
 loader restores it by default. On resume the best so far is read back from the checkpoints'
 own metrics, so a kill between the commit and ``best.json`` loses nothing.
 
+On resume, ``eval.jsonl`` keeps only the evaluations up to the restored step (a fresh start
+clears it) and the log says "resuming from step N". The settings that define the result are
+checked against the run's recorded ones first (:func:`check_run_settings`,
+:mod:`sage_jax.train.settings`).
+
 Every host makes the same decisions (step counts and the preemption flag are shared), only
 process 0 writes metrics and JSON items.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -36,8 +42,12 @@ from sage_jax.model.config import ModelConfig
 from sage_jax.model.loader import BEST_FILE, ModelSpec, load_base
 from sage_jax.train.checkpoint import Checkpointer, abstract_like
 from sage_jax.progress import progress
-from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info
+from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info, truncate_jsonl
 from sage_jax.train.preemption import PreemptionGuard
+from sage_jax.train.settings import check_settings, has_checkpoint, run_settings
+
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval.jsonl"
 
 
 @dataclasses.dataclass
@@ -65,6 +75,28 @@ def prepare_run(model: ModelSpec, mesh_cfg, output_dir: str) -> RunSetup:
     if jax.process_index() == 0:
         tokenizer.save_pretrained(tokenizer_dir)
     return RunSetup(out, mesh, model_cfg, params, tokenizer, tokenizer_dir)
+
+
+def check_run_settings(cfg, out: Path, what: str) -> list[str]:
+    """Stop a resume whose result-defining settings (config and data content) changed, unless
+    ``cfg.allow_changed_config``; record them for the next start (see :mod:`sage_jax.train.settings`)."""
+    settings = run_settings(cfg, [*cfg.train_files, *cfg.eval_files])
+    return check_settings(out, settings, resuming=has_checkpoint(out / "checkpoints"),
+                          allow_changed=cfg.allow_changed_config, what=what, write=jax.process_index() == 0)
+
+
+def _restart_evals(output_dir: Path, latest: int | None) -> list[dict]:
+    """``eval.jsonl`` as of the restored step (later lines came after the checkpoint and will be
+    evaluated again; a fresh start clears it); returns the kept records."""
+    path = output_dir / EVAL_FILE
+    if jax.process_index() == 0:
+        if latest is None:
+            path.unlink(missing_ok=True)
+        else:
+            truncate_jsonl(path, latest)
+    if latest is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def init_train_state(spec, tx, params, seed: int, mesh):
@@ -152,6 +184,7 @@ def train_loop(
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
+        log.info("resuming from step %d of %d (%s)", latest, total_steps, ckpt.directory)
         state = ckpt.restore(abstract_like(state), latest, data_iter=data_iter).state
         start = latest
     best: dict | None = None
@@ -164,7 +197,7 @@ def train_loop(
     metrics = MetricsWriter(output_dir / "logs", tensorboard=tensorboard, resume_step=start if latest else None)
     peak, peak_label = peak_flops_info()
     peak *= jax.device_count()
-    evals: list[dict] = []
+    evals: list[dict] = _restart_evals(output_dir, latest)
 
     def run_eval(step: int) -> dict | None:
         if evaluate is None:
@@ -173,7 +206,7 @@ def train_loop(
         evals.append(result)
         metrics.write(step, {f"eval/{k}": v for k, v in result.items() if k != "step"})
         if jax.process_index() == 0:
-            with open(output_dir / "eval.jsonl", "a") as f:
+            with open(output_dir / EVAL_FILE, "a") as f:
                 f.write(json.dumps(result) + "\n")
         return result
 

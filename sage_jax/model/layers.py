@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sage_jax.model.config import ModelConfig, RopeConfig
+from sage_jax.model import moe as moe_lib
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -86,19 +87,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def moe(cfg: ModelConfig, x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """Mixtral top-k MoE: softmax router, top-k renormalised, weighted sum of expert SwiGLUs.
-
-    Every expert runs on every token and the top-k combine weights (zero elsewhere) select; this
-    is exact, shards over the `expert` mesh axis with one reduction, and avoids gathers. It costs
-    E/k times the routed FLOPs, which matters only for large E (a dispatch kernel is future work).
-    """
-    logits = jnp.einsum("btd,de->bte", x, router).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_w, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-    # Combine weights [B,T,E]: scatter the k weights by comparing indices (no one-hot over vocab).
-    experts = jnp.arange(cfg.num_experts)
-    combine = jnp.sum(jnp.where(top_i[..., None] == experts, top_w[..., None], 0.0), axis=-2)
-    h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum("btd,edf->btef", x, up)
-    out = jnp.einsum("btef,efd->bted", h, down)
-    return jnp.einsum("bted,bte->btd", out.astype(jnp.float32), combine).astype(x.dtype)
+    """Mixtral top-k MoE [B, T, D] -> [B, T, D], computed by `cfg.moe_dispatch` (see model.moe:
+    dense combine, grouped matmul, or padded expert blocks; all exact)."""
+    return moe_lib.moe(x, router, gate, up, down, k=cfg.num_experts_per_tok, dispatch=cfg.moe_dispatch)

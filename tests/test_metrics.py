@@ -153,6 +153,7 @@ def test_peak_flops_table_and_mfu():
     assert math.isnan(peak_flops_per_device(dev("Mystery 9000", "gpu")))
     assert train_flops_per_token(1000) == 6000
     assert train_flops_per_token(1000, num_layers=2, seq_len=8, hidden=4) == 6000 + 12 * 2 * 8 * 4
+    assert train_flops_per_token(1000, lora=True) == 4000  # frozen weights: no weight gradients
     assert mfu(1000.0, 6e9, 12e12) == pytest.approx(0.5)
     assert math.isnan(mfu(1.0, 1.0, math.nan))
 
@@ -162,3 +163,14 @@ def test_jsonl_lines_are_plain_json(tmp_path):
         w.write(3, {"loss": jnp.float32(0.25), "ok": True, "name": "sft"})
         line = (tmp_path / "metrics.jsonl").read_text().strip()  # lag=0: written at once
     assert json.loads(line)["step"] == 3 and json.loads(line)["ok"] is True and json.loads(line)["name"] == "sft"
+
+
+def test_cpu_peak_is_measured_once_for_the_host_and_labelled():
+    from sage_jax.train.metrics import measured_cpu_gemm_flops, process_peak_flops
+
+    flops, label = process_peak_flops()
+    assert flops == measured_cpu_gemm_flops() > 1e8 and "measured" in label  # not the 150 GFLOP/s guess
+    many, label8 = process_peak_flops([jax.devices()[0]] * 8)  # simulated devices share the host's cores
+    assert many == flops and label8 == label
+    tpu = SimpleNamespace(device_kind="TPU v4", platform="tpu")
+    assert process_peak_flops([tpu] * 4) == (4 * 275e12, "4 x TPU v4 bf16")

@@ -38,6 +38,8 @@ def test_lora_sft_learns_and_exports(tiny_dir, tmp_path):
     train_steps = [x["step"] for x in lines if "loss" in x]
     assert train_steps == list(range(1, 7))
     assert all(np.isfinite(x["loss"]) and x["tokens_per_s"] > 0 for x in lines if "loss" in x)
+    # MFU over a measured peak, its basis written next to it
+    assert all(0 < x["mfu"] < 1 and "measured" in x["mfu_basis"] for x in lines if "loss" in x)
 
     # export-hf of the LoRA run: transformers loads it, same logits as our merged model.
     cfg_m, params, tok_dir, step = load_run(tmp_path / "run")

@@ -36,6 +36,7 @@ from sage_jax.data.tokenize import encode_dialogue
 from sage_jax.model import num_params
 from sage_jax.model.loader import ModelSpec, resolve_model_path
 from sage_jax.train import steps
+from sage_jax.train.metrics import train_flops_per_token
 from sage_jax.train.losses import DPOConfig
 from sage_jax.train.sft import TrainRunConfig
 from sage_jax.train.trainer import check_run_settings, init_train_state, prepare_run, to_global, train_loop
@@ -245,7 +246,9 @@ def run_dpo(cfg: DPORunConfig) -> dict:
         to_device=to_device, total_steps=total, evaluate=evaluate, eval_every=cfg.eval_every,
         save_every=cfg.save_every, keep=cfg.keep, run_config=run_config, tokenizer_dir=str(run.tokenizer_dir),
         tokens_in=lambda b: int(np.count_nonzero(b["chosen"]["segment_ids"]) + np.count_nonzero(b["rejected"]["segment_ids"])),
-        flops_per_token=6 * n_params, tensorboard=cfg.tensorboard, log_every=cfg.log_every, keep_best=cfg.keep_best)
+        flops_per_token=train_flops_per_token(n_params, num_layers=model_cfg.num_layers, seq_len=cfg.seq_len,
+                                              hidden=model_cfg.hidden_size, lora=cfg.lora is not None),
+        tensorboard=cfg.tensorboard, log_every=cfg.log_every, keep_best=cfg.keep_best)
     return {"steps": result.step, "preempted": result.preempted, "evals": result.evals, "best": result.best,
             "steps_per_epoch": steps_per_epoch,
             "checkpoints": str(out / "checkpoints"), "metrics": str(out / "logs" / "metrics.jsonl")}

@@ -20,6 +20,7 @@ Only process 0 writes (``enabled`` defaults to ``jax.process_index() == 0``); on
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -202,12 +204,28 @@ PEAK_FLOPS_TABLE: tuple[tuple[tuple[str, ...], float, str], ...] = (
     (("h100",), 989e12, "H100 SXM bf16 dense"),
     (("a100",), 312e12, "A100 bf16 dense"),
 )
-CPU_FLOPS_ESTIMATE = 150e9  # fp32, this class of CPU host: an estimate, not a measurement
+CPU_FLOPS_ESTIMATE = 150e9  # fp32, this class of CPU host: used only where nothing was measured
 
 
-def peak_flops_info(device: Any = None, *, cpu_flops: float = CPU_FLOPS_ESTIMATE) -> tuple[float, str]:
-    """``(peak FLOP/s of one device, label)``; CPU gives ``cpu_flops`` labelled as an estimate,
-    an unknown accelerator ``nan``."""
+@functools.lru_cache(maxsize=1)
+def measured_cpu_gemm_flops(n: int = 1024, repeats: int = 3) -> float:
+    """This host's fp32 GEMM rate (FLOP/s, all cores): the best of a few jitted n x n x n matmuls.
+    Simulated CPU devices share these cores, so this is the peak of the whole process."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x, backend="cpu")
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops_info(device: Any = None, *, cpu_flops: float | None = CPU_FLOPS_ESTIMATE) -> tuple[float, str]:
+    """``(peak FLOP/s of one device, label)``: the vendor table for TPUs and GPUs; a CPU gives
+    ``cpu_flops`` labelled as an estimate (None: this host's measured GEMM rate); an unknown
+    accelerator ``nan``."""
     device = device if device is not None else jax.devices()[0]
     kind = str(getattr(device, "device_kind", "")).lower()
     platform = str(getattr(device, "platform", "")).lower()
@@ -215,6 +233,9 @@ def peak_flops_info(device: Any = None, *, cpu_flops: float = CPU_FLOPS_ESTIMATE
         if any(k in kind for k in keys):
             return flops, label
     if platform == "cpu" or "cpu" in kind:
+        if cpu_flops is None:
+            rate = measured_cpu_gemm_flops()
+            return rate, f"CPU fp32 GEMM rate measured at start ({rate / 1e9:.0f} GFLOP/s for the host)"
         return float(cpu_flops), f"CPU fp32 estimate ({cpu_flops / 1e9:.0f} GFLOP/s per device)"
     return math.nan, f"unknown device kind {kind!r}"
 
@@ -224,9 +245,22 @@ def peak_flops_per_device(device: Any = None, *, cpu_flops: float = CPU_FLOPS_ES
     return peak_flops_info(device, cpu_flops=cpu_flops)[0]
 
 
-def train_flops_per_token(num_params: int, *, num_layers: int = 0, seq_len: int = 0, hidden: int = 0) -> float:
-    """Training FLOPs per token: ``6 N`` plus attention ``12 L T d`` (PaLM appendix B)."""
-    return 6.0 * num_params + 12.0 * num_layers * seq_len * hidden
+def process_peak_flops(devices: Any = None) -> tuple[float, str]:
+    """``(peak FLOP/s of every device of the run, label)`` for MFU: accelerators add up; CPU
+    devices (real or simulated) share one host, whose GEMM rate is measured once."""
+    devices = list(devices if devices is not None else jax.devices())
+    flops, label = peak_flops_info(devices[0], cpu_flops=None)
+    if str(getattr(devices[0], "platform", "")).lower() == "cpu":
+        return flops, label
+    return flops * len(devices), f"{len(devices)} x {label}"
+
+
+def train_flops_per_token(num_params: int, *, num_layers: int = 0, seq_len: int = 0, hidden: int = 0,
+                          lora: bool = False) -> float:
+    """Training FLOPs per token: ``6 N`` (forward 2N, backward 4N) plus attention ``12 L T d``
+    (PaLM appendix B); with ``lora`` the frozen weights need activation gradients but no weight
+    gradients: ``4 N`` (the rank-r adapters' FLOPs are negligible)."""
+    return (4.0 if lora else 6.0) * num_params + 12.0 * num_layers * seq_len * hidden
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

@@ -36,6 +36,7 @@ from sage_jax.model import num_params
 from sage_jax.model.lora import LoraConfig
 from sage_jax.model.loader import ModelSpec
 from sage_jax.train import steps
+from sage_jax.train.metrics import train_flops_per_token
 from sage_jax.train.trainer import check_run_settings, init_train_state, prepare_run, to_global, train_loop
 
 
@@ -202,7 +203,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     run_config = {"kind": "sft", "run": to_dict(cfg), "model": dataclasses.asdict(model_cfg),
                   "base_model": str(cfg.model.path)}
     n_params = num_params(params)
-    flops = 6 * n_params  # per trained token (forward + backward), attention ignored
+    flops = train_flops_per_token(n_params, num_layers=model_cfg.num_layers, seq_len=cfg.seq_len,
+                                  hidden=model_cfg.hidden_size, lora=cfg.lora is not None)
     print(f"sft: {len(train_ex)} train / {len(eval_ex)} eval dialogues, {plan.rows_per_epoch} packed rows/epoch, "
           f"batch_unit={cfg.batch_unit}: {plan.describe()}; {total} steps"
           f"{' (max_steps)' if cfg.max_steps else f' ({cfg.epochs:g} epochs)'} of {plan.rows_per_step} rows x "

@@ -42,7 +42,7 @@ from sage_jax.model.config import ModelConfig
 from sage_jax.model.loader import BEST_FILE, ModelSpec, load_base
 from sage_jax.train.checkpoint import Checkpointer, abstract_like
 from sage_jax.progress import progress
-from sage_jax.train.metrics import MetricsWriter, mfu, peak_flops_info, truncate_jsonl
+from sage_jax.train.metrics import MetricsWriter, mfu, process_peak_flops, truncate_jsonl
 from sage_jax.train.preemption import PreemptionGuard
 from sage_jax.train.settings import check_settings, has_checkpoint, run_settings
 
@@ -195,8 +195,8 @@ def train_loop(
         elif jax.process_index() == 0:
             (output_dir / BEST_FILE).unlink(missing_ok=True)  # names no checkpoint of this run
     metrics = MetricsWriter(output_dir / "logs", tensorboard=tensorboard, resume_step=start if latest else None)
-    peak, peak_label = peak_flops_info()
-    peak *= jax.device_count()
+    peak, peak_label = process_peak_flops()  # the label goes next to every MFU number
+    log.info("MFU: %.3g FLOPs per token over %s", flops_per_token, peak_label)
     evals: list[dict] = _restart_evals(output_dir, latest)
 
     def run_eval(step: int) -> dict | None:
@@ -244,7 +244,7 @@ def train_loop(
                 now = time.perf_counter()
                 tok_s = tokens_since * jax.process_count() / max(now - t_last, 1e-9)
                 t_last, tokens_since, prev = now, 0, m
-                m = {**m, "tokens_per_s": tok_s, "mfu": mfu(tok_s, flops_per_token, peak)}
+                m = {**m, "tokens_per_s": tok_s, "mfu": mfu(tok_s, flops_per_token, peak), "mfu_basis": peak_label}
                 metrics.write(done, m)
                 last = metrics.last or {}
                 bar.update(done - bar.n, postfix={k: last[k] for k in ("loss", "tokens_per_s") if k in last})

@@ -5,6 +5,9 @@
     srv.url   # http://127.0.0.1:PORT/v1 -> openai.OpenAI(base_url=srv.url, api_key="x")
 """
 
-from sage_jax.serve.server import ApiError, BatchWorker, ChatRequest, Overloaded, SageServer, make_server
+from sage_jax.serve.engine import EngineConfig, SlotEngine
+from sage_jax.serve.protocol import ApiError, ChatRequest, Overloaded
+from sage_jax.serve.server import SageServer, ServerLimits, make_server
 
-__all__ = ["ApiError", "BatchWorker", "ChatRequest", "Overloaded", "SageServer", "make_server"]
+__all__ = ["ApiError", "ChatRequest", "EngineConfig", "Overloaded", "SageServer", "ServerLimits", "SlotEngine",
+           "make_server"]

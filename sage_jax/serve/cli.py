@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sage_jax import parallel
+from sage_jax.serve.server import API_KEY_ENV, ServerLimits
 
 __all__ = ["register", "ServeConfig", "serve"]
 
@@ -16,9 +17,16 @@ class ServeConfig:
     model: str | None = None  # smollm2, an HF directory or a training run directory (required)
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 8  # requests per batched generation
+    max_batch: int = 8  # cache slots: rows decoding at once (continuous batching)
     max_queue: int = 64  # queued requests before answering 503
     max_tokens: int = 256  # default max_tokens of a request
+    max_tokens_limit: int = 2048  # a request's max_tokens is clamped to this
+    max_model_len: int | None = None  # tokens per slot, prompt + reply (default: min(model's, 2048))
+    decode_steps: int = 4  # decode steps between admissions and stream flushes
+    # Bearer key every /v1 route needs (401 otherwise); default: the SAGE_JAX_API_KEY environment
+    # variable (preferred: a key on the command line shows in the process list).
+    api_key: str | None = None
+    limits: ServerLimits = ServerLimits()  # body size, header/body/request timeouts, connections
     template: str | None = None  # chat template name (default: the tokenizer's)
     verbose: bool = False  # log every HTTP request
     # Layout on this process's devices (default one device); e.g. mesh.data=4 mesh.tensor=2: batched
@@ -27,30 +35,24 @@ class ServeConfig:
 
 
 def serve(cfg: ServeConfig) -> int:
-    import signal
-    import threading
+    import logging
 
     from sage_jax.rollout.policy import load_policy
     from sage_jax.serve.server import make_server
 
     if not cfg.model:
         raise ValueError("serve: --model is required (model=smollm2, an HF directory or a run directory)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     policy = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
     srv = make_server(policy, cfg.host, cfg.port, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                      default_max_tokens=cfg.max_tokens, verbose=cfg.verbose)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    srv.start()
-    print(f"serving {srv.model_name} at {srv.url} (max_batch={cfg.max_batch}, max_queue={cfg.max_queue})",
+                      default_max_tokens=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit,
+                      max_model_len=cfg.max_model_len, decode_steps=cfg.decode_steps, limits=cfg.limits,
+                      api_key=cfg.api_key, verbose=cfg.verbose)
+    auth = "API key required" if srv.api_key else f"no API key (--api-key or {API_KEY_ENV})"
+    print(f"serving {srv.model_name} at {srv.url} (max_batch={cfg.max_batch}, max_queue={cfg.max_queue}, {auth})",
           flush=True)
-    stop.wait()
-    print("shutting down", flush=True)
-    srv.close()
+    srv.serve_forever()  # until SIGINT/SIGTERM; then running requests are answered 503
+    print("shut down", flush=True)
     return 0
 
 
@@ -58,13 +60,15 @@ def register(sub) -> None:
     from sage_jax.config import add_config_command
 
     add_config_command(sub, "serve", "sage_jax.serve.cli:ServeConfig:serve",
-                       help="an OpenAI-compatible HTTP server over a model (batched, latent pinning)",
-                       description="POST /v1/chat/completions, GET /v1/models; the `sage` extension field "
-                                   "{pin: {...}, return_latents: true} steers and returns latents.",
+                       help="an OpenAI-compatible HTTP server over a model (continuous batching, latent pinning)",
+                       description="POST /v1/chat/completions, GET /v1/models, GET /health, GET /v1/stats; the "
+                                   "`sage` extension field {pin: {...}, return_latents: true} steers and returns "
+                                   "latents.",
                        example="--model smollm2 --port 8000 max_batch=16",
                        flags={"--model": "model MODEL", "--host": "host HOST", "--port": "port PORT",
                               "--max-batch": "max_batch N", "--max-queue": "max_queue N",
                               "--max-tokens": "max_tokens N", "--template": "template NAME",
+                              "--max-model-len": "max_model_len N", "--api-key": "api_key KEY",
                               "--verbose": "+verbose"})
     add_config_command(sub, "chat", "sage_jax.serve.chat:ChatConfig:chat",
                        help="interactive terminal chat showing the latents; /pin, /latents, /reset, /quit",

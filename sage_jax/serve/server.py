@@ -1,321 +1,165 @@
-"""An OpenAI-compatible HTTP server over a policy, with a batching worker.
+"""An OpenAI-compatible HTTP server over a policy: FastAPI on uvicorn, continuous batching.
 
     from sage_jax.rollout.policy import load_policy
     from sage_jax.serve.server import make_server
     srv = make_server(load_policy("smollm2"), "127.0.0.1", 8000, max_batch=8, max_queue=64)
-    srv.start()            # serve_forever in a daemon thread (or srv.serve_forever() to block)
-    ...; srv.close()       # stop accepting, fail queued requests (503), join the worker
+    srv.start()            # uvicorn in a daemon thread (or srv.serve_forever() to block)
+    ...; srv.close()       # answer queued and running requests 503, stop the engine and uvicorn
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``messages``, ``n``, ``temperature``,
 ``top_p``, ``max_tokens``/``max_completion_tokens``, ``stop``, ``seed``, ``stream``, and vLLM's
 ``top_k`` / ``repetition_penalty`` / ``continue_final_message`` + ``add_generation_prompt: false``:
 the last message, an assistant one, is rendered without its end-of-turn and the choices continue
-it, their content being the continuation only), ``GET /health``
-and ``GET /v1/stats`` (batching counters). The extension field
+it, their content being the continuation only), ``GET /health`` (never needs the API key) and
+``GET /v1/stats`` (queue depth, active rows, tokens/s, counters). The extension field
 ``sage = {"pin": {"a_motivation": "humour", ...}, "return_latents": true}`` steers the latents
 (:func:`sage_jax.rollout.steer.steer`); such a choice's ``message.content`` is the reply with the
 latents stripped, ``message.sage_latents`` the parsed fields (flat: u_motivation ... a_topic,
 plus ``missing``/``problems``/``prefill``) and ``message.sage_raw`` the raw text.
 
-Batching: each HTTP handler thread queues its request on a bounded queue; one worker thread takes
-up to ``max_batch`` queued requests (all their ``n`` rows) and runs each group of compatible
-requests (same greedy-ness and top_k: what one ``rollout.generate`` call allows) as ONE batched
-generation. A full queue answers HTTP 503 with a JSON error and ``Retry-After``. Each row's seed
-is derived from the request's ``seed`` (or a random one), so answers do not depend on batching.
+Generation: `serve.engine.SlotEngine` (continuous batching over `max_batch` cache slots; a
+request joins the running decode at the next step boundary). A full queue answers 503 with
+``Retry-After``. Streaming (``stream: true``) sends each choice's text as it is decoded (every
+``decode_steps`` tokens), as server-sent events; requests with the ``sage`` extension stream their
+whole answer in one chunk at the end.
 
-Streaming (``stream: true``): *not* token by token. Generation runs to the end, then the answer is
-sent as Server-Sent Events: per choice a role chunk, one content chunk with the whole text and a
-finish chunk, then ``data: [DONE]``.
+Hardening: request bodies are strict JSON validated by pydantic models (`serve.protocol`): 400
+with a message for malformed JSON, NaN/Infinity, out-of-range or mistyped fields; 413 for a body
+over ``max_body_bytes``; 408 for a body that does not arrive within ``body_timeout_s``; the HTTP
+layer answers 400 to an invalid Content-Length; a connection whose request headers are not
+complete within ``header_timeout_s`` is closed. A request still unanswered after
+``request_timeout_s`` gets 504 and its rows are freed; so are those of a client that disconnects.
+``api_key`` (or ``SAGE_JAX_API_KEY``): every ``/v1`` route needs ``Authorization: Bearer KEY``
+(401). Binding a non-loopback address logs a warning.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hmac
+import ipaddress
 import json
-import queue
-import random
+import logging
+import os
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, AsyncIterator
 
-from sage_jax.rollout.sampler import generate
-from sage_jax.rollout.sampling import SamplingParams
-from sage_jax.rollout.steer import Steered, _cut_stops, check_pins, steer
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["make_server", "SageServer", "BatchWorker", "ChatRequest", "Overloaded", "ApiError",
-           "parse_chat_request", "MAX_N"]
+from sage_jax.rollout.steer import Steered
+from sage_jax.serve.engine import Admitted, Delta, EngineConfig, Failed, Finished, SlotEngine
+from sage_jax.serve.protocol import MAX_N, ApiError, ChatRequest, Overloaded, parse_body, parse_chat_request
 
-MAX_N = 16
+__all__ = ["make_server", "SageServer", "ServerLimits", "ApiError", "ChatRequest", "Overloaded",
+           "parse_chat_request", "MAX_N", "API_KEY_ENV"]
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-
-
-class Overloaded(ApiError):
-    def __init__(self, message: str = "server overloaded: the request queue is full; retry later"):
-        super().__init__(503, message, "server_overloaded")
+API_KEY_ENV = "SAGE_JAX_API_KEY"
+log = logging.getLogger("sage_jax.serve")
 
 
-@dataclasses.dataclass
-class ChatRequest:
-    messages: list[dict]
-    n: int = 1
-    sampling: SamplingParams = SamplingParams(temperature=1.0)
-    seed: int | None = None
-    pins: dict | None = None
-    sage: bool = False  # the `sage` extension was given: strip latents, return them
-    stream: bool = False
-    prefill: str | None = None  # continue_final_message: the partial assistant message to continue
-    # filled by the worker
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    results: list[Steered] | None = None
-    error: ApiError | None = None
-    prompt_tokens: int = 0
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one client may cost the server."""
 
-    @property
-    def group_key(self) -> tuple:
-        return (self.sampling.greedy, self.sampling.top_k, self.prefill is not None)
-
-    def row_seeds(self) -> list[int]:
-        base = self.seed if self.seed is not None else random.getrandbits(31)
-        return [(int(base) * 1_000_003 + j) % (1 << 31) for j in range(self.n)]
+    max_body_bytes: int = 1 << 20  # 413 above
+    max_header_bytes: int = 16 << 10  # h11's limit on an incomplete request head (400 above)
+    header_timeout_s: float = 10.0  # close a connection whose request head is not complete by then
+    body_timeout_s: float = 30.0  # 408 when the body has not arrived by then
+    request_timeout_s: float = 600.0  # 504 (and the rows freed) when not answered by then
+    keep_alive_s: int = 5  # idle keep-alive connections close after this
+    max_connections: int = 1024  # uvicorn answers 503 beyond this many open connections
 
 
-def _text_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):  # OpenAI content parts
-        parts = []
-        for p in content:
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
-                parts.append(p["text"])
-            else:
-                raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
-        return "".join(parts)
-    raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
+# ---------------------------------------------------------------------------------------------
+# HTTP layer: uvicorn's h11 protocol with a deadline on request heads
 
 
-def parse_chat_request(body: Any, *, default_max_tokens: int, max_tokens_limit: int) -> ChatRequest:
-    """Validate an OpenAI chat.completions body into a :class:`ChatRequest` (ApiError 400 if bad)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}]: needs a role of system/user/assistant", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        messages.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")})
+class _HeadDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol, plus: a connection must complete each request head within
+    `head_timeout_s` of connecting (or of its previous response), else it is closed. Without
+    this, a client that never finishes its headers holds the connection forever."""
 
-    def num(name, typ, default, lo=None, hi=None):
-        v = body.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and int(v) != v):
-            raise ApiError(400, f"'{name}' must be a{'n integer' if typ is int else ' number'}", param=name)
-        v = typ(v)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got {v}", param=name)
-        return v
+    head_timeout_s = 10.0
 
-    n = num("n", int, 1, 1, MAX_N)
-    temperature = num("temperature", float, 1.0, 0.0, 2.0)
-    top_p = num("top_p", float, 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        top_p = 1e-6
-    mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = num(mt_name, int, default_max_tokens, 1, None)
-    max_tokens = min(max_tokens, max_tokens_limit)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", param="seed")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
-        stops = tuple(s for s in stop if s)
-    else:
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    sage = body.get("sage")
-    pins = None
-    if sage is not None:
-        if not isinstance(sage, dict):
-            raise ApiError(400, "'sage' must be an object {pin: {...}, return_latents: bool}", param="sage")
-        try:
-            pins = check_pins(sage.get("pin") or {}) or None
-        except ValueError as e:
-            raise ApiError(400, f"sage.pin: {e}", param="sage") from None
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream")
-    # vLLM's sampling extensions (what an endpoint policy sends for the paper's search settings)
-    top_k = num("top_k", int, 0, -1, None)
-    repetition_penalty = num("repetition_penalty", float, 1.0, 1e-6, None)
-    sp = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
-                        repetition_penalty=repetition_penalty, max_new_tokens=max_tokens, stop_strings=stops)
-    # vLLM's chat extensions: continue the last (assistant) message instead of starting a new one
-    cont, gen_prompt = body.get("continue_final_message", False), body.get("add_generation_prompt", True)
-    for name, v in (("continue_final_message", cont), ("add_generation_prompt", gen_prompt)):
-        if not isinstance(v, bool):
-            raise ApiError(400, f"'{name}' must be a boolean", param=name)
-    prefill = None
-    if cont:
-        if gen_prompt:
-            raise ApiError(400, "continue_final_message needs add_generation_prompt: false (they cannot both be "
-                                "true)", param="add_generation_prompt")
-        if messages[-1]["role"] != "assistant":
-            raise ApiError(400, "continue_final_message: the last message must be an assistant message",
-                           param="messages")
-        if sage is not None:
-            raise ApiError(400, "continue_final_message cannot be combined with the 'sage' extension", param="sage")
-        messages, prefill = messages[:-1], messages[-1]["content"]
-    elif not gen_prompt:
-        raise ApiError(400, "add_generation_prompt: false is only supported with continue_final_message: true",
-                       param="add_generation_prompt")
-    return ChatRequest(messages, n, sp, seed, pins, sage is not None, stream, prefill)
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_deadline = None
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc) -> None:
+        if getattr(self, "_head_deadline", None) is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is None and not self.transport.is_closing():
+            self._head_deadline = self.loop.call_later(self.head_timeout_s, self._on_head_deadline)
+
+    def _on_head_deadline(self) -> None:
+        self._head_deadline = None
+        waiting_for_head = self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        if waiting_for_head and not self.transport.is_closing():
+            self.transport.close()
 
 
-class BatchWorker:
-    """A bounded request queue and one thread running batched generations.
+def _protocol(limits: ServerLimits) -> type[H11Protocol]:
+    return type("SageH11Protocol", (_HeadDeadlineH11,), {"head_timeout_s": float(limits.header_timeout_s)})
 
-    Hooks for tests: ``before_batch(requests)`` is called by the worker before each batch
-    (e.g. to slow it down). ``stats``: batches (generation groups run), generate_calls, rows,
-    requests, max_rows (largest batch), rejected (503s).
-    """
 
-    def __init__(self, policy, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
-        self.policy, self.max_batch, self.batch_wait_s = policy, int(max_batch), float(batch_wait_s)
-        self.queue: queue.Queue[ChatRequest] = queue.Queue(maxsize=int(max_queue))
-        self.before_batch: Callable[[list[ChatRequest]], None] | None = None
-        self.stats = {"batches": 0, "generate_calls": 0, "rows": 0, "requests": 0, "max_rows": 0, "rejected": 0}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sage-batch-worker", daemon=True)
-        self._thread.start()
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    def submit(self, req: ChatRequest) -> None:
-        if self._stop.is_set():
-            raise ApiError(503, "server shutting down", "server_shutting_down")
-        try:
-            self.queue.put_nowait(req)
-        except queue.Full:
-            with self._lock:
-                self.stats["rejected"] += 1
-            raise Overloaded() from None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-        while True:  # fail whatever is still queued
-            try:
-                req = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            req.error = ApiError(503, "server shutting down", "server_shutting_down")
-            req.done.set()
+def _warn_if_public(host: str, api_key: str | None) -> None:
+    if _is_loopback(host):
+        return
+    guard = ("requests need the API key" if api_key else
+             f"anyone who can reach it can use the model: set --api-key or {API_KEY_ENV}")
+    log.warning("serving on %s, a non-loopback address: %s; plain HTTP (put a TLS proxy in front "
+                "for untrusted networks)", host, guard)
 
-    def _take(self) -> list[ChatRequest]:
-        try:
-            first = self.queue.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        return batch
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            batch = self._take()
-            if not batch:
-                continue
-            try:
-                if self.before_batch is not None:
-                    self.before_batch(batch)
-                groups: dict[tuple, list[ChatRequest]] = {}
-                for r in batch:
-                    groups.setdefault(r.group_key, []).append(r)
-                for reqs in groups.values():
-                    self._run(reqs)
-            except Exception as e:  # noqa: BLE001 - every request must be answered
-                for r in batch:
-                    if not r.done.is_set():
-                        r.error = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
-                        r.done.set()
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
-    def _continue(self, reqs: list[ChatRequest], prompts: list[list[int]], seeds: list[int],
-                  counted) -> list[Steered]:
-        """continue_final_message rows (prompts: each request's history + its prefill): one
-        generation continuing them (as steer's last phase continues its own prefill); a choice's
-        content is the continuation only."""
-        rows = [(r, p) for r, p in zip(reqs, prompts) for _ in range(r.n)]
-        counted(len(rows))
-        gens = generate(self.policy.cfg, self.policy.params, [p for _, p in rows],
-                        [dataclasses.replace(r.sampling, stop_strings=()) for r, _ in rows], seed=0,
-                        row_seeds=seeds)
-        out = []
-        for (r, _), g in zip(rows, gens):
-            text, cut = _cut_stops(self.policy.decode(g.tokens), r.sampling.stop_strings)
-            out.append(Steered(None, None, text, text, "stop" if cut else g.finish_reason, tokens=list(g.tokens)))
-        return out
 
-    def _run(self, reqs: list[ChatRequest]) -> None:
-        convs, pins, sps, seeds, owner, prompts = [], [], [], [], [], []
-        for r in reqs:
-            prompt = self.policy.encode_chat(r.messages, prefill=r.prefill or "")
-            r.prompt_tokens = len(prompt)
-            prompts.append(prompt)
-            for s in r.row_seeds():
-                convs.append(r.messages)
-                pins.append(r.pins)
-                sps.append(r.sampling)
-                seeds.append(s)
-                owner.append(r)
+# ---------------------------------------------------------------------------------------------
+# Responses
 
-        def counted(rows: int) -> None:
-            with self._lock:
-                self.stats["generate_calls"] += 1
 
-        try:
-            if reqs[0].prefill is not None:  # a group is all continuations or none (group_key)
-                out = self._continue(reqs, prompts, seeds, counted)
-            else:
-                out = steer(self.policy, convs, pins, sps, seed=0, row_seeds=seeds, on_generate=counted)
-        except ValueError as e:  # e.g. a prompt longer than the model's cache
-            for r in reqs:
-                r.error = ApiError(400, str(e))
-                r.done.set()
-            return
-        with self._lock:
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(convs)
-            self.stats["requests"] += len(reqs)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(convs))
-        i = 0
-        for r in reqs:
-            r.results = out[i: i + r.n]
-            i += r.n
-            r.done.set()
+def _error_response(e: ApiError, close: bool = False) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 503 else {}
+    if close or e.status in (408, 413):  # the body may be unread: do not reuse the connection
+        headers["Connection"] = "close"
+    if e.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _latents_json(s: Steered) -> dict:
@@ -342,148 +186,313 @@ def _finish(s: Steered) -> str:
     return "stop" if s.finish_reason == "stop" else "length"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "SageServer"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):  # quiet by default
-        if self.server.verbose:
-            super().log_message(fmt, *args)
-
-    def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, e: ApiError) -> None:
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        self._json(e.status, e.body(), headers)
-
-    def do_GET(self):  # noqa: N802
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/v1/models":
-            self._json(200, {"object": "list", "data": [
-                {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                 "owned_by": "sage-jax"}]})
-        elif path == f"/v1/models/{self.server.model_name}":
-            self._json(200, {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                             "owned_by": "sage-jax"})
-        elif path in ("/health", "/v1/health"):
-            self._json(200, {"status": "ok", "queued": self.server.worker.queue.qsize()})
-        elif path == "/v1/stats":
-            self._json(200, dict(self.server.worker.stats, queued=self.server.worker.queue.qsize()))
-        else:
-            self._error(ApiError(404, f"no route {self.path}", "not_found"))
-
-    def do_POST(self):  # noqa: N802
-        path = self.path.split("?")[0].rstrip("/")
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if path != "/v1/chat/completions":
-            self._error(ApiError(404, f"no route {self.path}", "not_found"))
-            return
-        try:
-            try:
-                body = json.loads(raw or b"null")
-            except ValueError:
-                raise ApiError(400, "the body is not valid JSON") from None
-            req = parse_chat_request(body, default_max_tokens=self.server.default_max_tokens,
-                                     max_tokens_limit=self.server.max_tokens_limit)
-            self.server.worker.submit(req)
-            if not req.done.wait(self.server.request_timeout_s):
-                raise ApiError(504, "generation timed out", "timeout")
-            if req.error is not None:
-                raise req.error
-        except ApiError as e:
-            self._error(e)
-            return
-        cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.server.model_name
-        if req.stream:
-            self._stream(req, cid, created, model)
-            return
-        choices = [{"index": i, "message": _choice_message(req, s), "finish_reason": _finish(s), "logprobs": None}
-                   for i, s in enumerate(req.results)]
-        completion = sum(len(s.tokens) for s in req.results)
-        self._json(200, {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                         "choices": choices,
-                         "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
-                                   "total_tokens": req.prompt_tokens + completion}})
-
-    def _stream(self, req: ChatRequest, cid: str, created: int, model: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-        def send(choice_delta: dict, idx: int, finish: str | None = None) -> None:
-            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [{"index": idx, "delta": choice_delta, "finish_reason": finish, "logprobs": None}]}
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-
-        for i, s in enumerate(req.results):
-            msg = _choice_message(req, s)
-            send({"role": "assistant", "content": ""}, i)
-            delta = {"content": msg["content"]}
-            if req.sage:
-                delta["sage_latents"], delta["sage_raw"] = msg["sage_latents"], msg["sage_raw"]
-            send(delta, i)
-            send({}, i, _finish(s))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
-class SageServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Exchange:
+    """One chat request in flight: its event queue (fed from the engine thread), its deadline,
+    and a watch on its client's connection."""
 
-    def __init__(self, addr, policy, *, max_batch: int, max_queue: int, default_max_tokens: int = 256,
-                 max_tokens_limit: int = 2048, request_timeout_s: float = 600.0, verbose: bool = False,
-                 model_name: str | None = None):
-        super().__init__(addr, _Handler)
-        self.policy = policy
+    def __init__(self, request: Request, req: ChatRequest, timeout_s: float):
+        self.request, self.req = request, req
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.deadline = self.loop.time() + timeout_s
+        self.timeout_s = timeout_s
+        req.emit = lambda ev: self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        self.watch: asyncio.Task | None = None
+
+    def watch_client(self) -> None:
+        self.watch = asyncio.ensure_future(self._disconnected())
+
+    def unwatch(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
+
+    async def _disconnected(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+
+    def timed_out(self) -> ApiError:
+        self.req.cancel()
+        return ApiError(504, f"the request was not answered within {self.timeout_s:g} s", "timeout")
+
+    async def next(self):
+        """The next engine event; ApiError 504 at the deadline; _ClientGone if the client left."""
+        get = asyncio.ensure_future(self.events.get())
+        waits = {get} if self.watch is None else {get, self.watch}
+        done, _ = await asyncio.wait(waits, timeout=max(0.0, self.deadline - self.loop.time()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        if self.watch is not None and self.watch in done:
+            self.req.cancel()
+            raise _ClientGone()
+        raise self.timed_out()
+
+
+def _chunk(cid: str, created: int, model: str, idx: int, delta: dict, finish: str | None = None) -> bytes:
+    chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": idx, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+class _ApiKeyGuard:
+    """ASGI middleware: every /v1 route needs `Authorization: Bearer <key>` (401 otherwise)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                await _error_response(ApiError(401, "a valid API key is needed: Authorization: Bearer KEY",
+                                               "authentication_error"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class SageServer:
+    """The HTTP server and its engine. `worker` is the engine (`SlotEngine`); `stats` a snapshot
+    of its counters."""
+
+    def __init__(self, addr, policy, *, max_batch: int = 8, max_queue: int = 64, default_max_tokens: int = 256,
+                 max_tokens_limit: int = 2048, max_model_len: int | None = None, decode_steps: int = 4,
+                 request_timeout_s: float | None = None, limits: ServerLimits = ServerLimits(),
+                 api_key: str | None = None, verbose: bool = False, model_name: str | None = None):
+        host, port = addr[0], int(addr[1])
+        if request_timeout_s is not None:
+            limits = dataclasses.replace(limits, request_timeout_s=float(request_timeout_s))
+        self.policy, self.limits, self.verbose = policy, limits, verbose
         self.model_name = model_name or policy.name or "sage-jax"
         self.created = int(time.time())
-        self.default_max_tokens, self.max_tokens_limit = int(default_max_tokens), int(max_tokens_limit)
-        self.request_timeout_s, self.verbose = float(request_timeout_s), verbose
-        self.worker = BatchWorker(policy, max_batch=max_batch, max_queue=max_queue)
+        model_len = int(max_model_len or min(policy.cfg.max_position_embeddings, 2048))
+        self.default_max_tokens = int(default_max_tokens)
+        self.max_tokens_limit = min(int(max_tokens_limit), model_len - 1)
+        self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+        _warn_if_public(host, self.api_key)
+        self.sock = _bind(host, port)
+        self.worker = SlotEngine(policy, EngineConfig(max_batch=max_batch, max_queue=max_queue,
+                                                      max_model_len=model_len, max_tokens_limit=self.max_tokens_limit,
+                                                      decode_steps=decode_steps))
+        self.app = self._build_app()
+        config = uvicorn.Config(
+            self.app, http=_protocol(limits), lifespan="off", loop="asyncio", log_level="info" if verbose else "warning",
+            access_log=verbose, timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
+            h11_max_incomplete_event_size=limits.max_header_bytes, timeout_graceful_shutdown=5, backlog=2048)
+        self._uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def server_address(self) -> tuple:
+        return self.sock.getsockname()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/v1"
 
     @property
     def stats(self) -> dict:
-        return self.worker.stats
+        return self.worker.snapshot()
 
-    def start(self) -> "SageServer":
-        """serve_forever in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self.serve_forever, name="sage-http", daemon=True)
+    def start(self, timeout: float = 60.0) -> "SageServer":
+        """uvicorn in a daemon thread; returns self once it accepts connections."""
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self.sock]},
+                                        name="sage-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
         return self
 
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (uvicorn's handlers), then stop the engine."""
+        try:
+            self._uvicorn.run(sockets=[self.sock])
+        finally:
+            self.worker.stop()
+            self.sock.close()
+
     def close(self) -> None:
-        """Stop accepting, answer queued requests with 503, stop the worker, close the socket."""
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(10)
-            self._thread = None
+        """Answer queued and running requests 503, stop the engine, then uvicorn; close the socket."""
         self.worker.stop()
-        self.server_close()
+        self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+            self._thread = None
+        self.sock.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def _build_app(self):
+        app = FastAPI(title="sage-jax", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(ApiError, self._api_error)
+        app.add_exception_handler(StarletteHTTPException, self._http_error)
+        app.add_exception_handler(Exception, self._internal_error)
+        app.add_api_route("/health", self._health, methods=["GET"])
+        app.add_api_route("/v1/health", self._health, methods=["GET"])
+        app.add_api_route("/v1/stats", self._stats, methods=["GET"])
+        app.add_api_route("/v1/models", self._models, methods=["GET"])
+        app.add_api_route("/v1/models/{name:path}", self._model, methods=["GET"])
+        app.add_api_route("/v1/chat/completions", self._chat, methods=["POST"])
+        return _ApiKeyGuard(app, self.api_key) if self.api_key else app
+
+    @staticmethod
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:  # noqa: ARG004
+        return _error_response(e)
+
+    @staticmethod
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:  # noqa: ARG004
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        detail = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return _error_response(ApiError(e.status_code, detail, kind))
+
+    @staticmethod
+    async def _internal_error(request: Request, e: Exception) -> JSONResponse:  # noqa: ARG004
+        log.exception("internal error")
+        return _error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+    async def _health(self) -> JSONResponse:
+        ok = self.worker.alive()
+        return JSONResponse({"status": "ok" if ok else "engine stopped", "queued": self.worker.queued(),
+                             "active_rows": self.worker.active_rows()}, status_code=200 if ok else 503)
+
+    async def _stats(self) -> JSONResponse:
+        return JSONResponse(self.worker.snapshot())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "sage-jax"}
+
+    async def _models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def _model(self, name: str) -> JSONResponse:
+        if name != self.model_name:
+            raise ApiError(404, f"no model {name!r}; this server has {self.model_name!r}", "not_found", "model")
+        return JSONResponse(self._model_card())
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes", "request_too_large")
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"the body is larger than {limit} bytes", "request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {self.limits.body_timeout_s:g} s",
+                           "timeout") from None
+        return b"".join(chunks)
+
+    async def _chat(self, request: Request) -> Response:
+        try:
+            raw = await self._read_body(request)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        req = parse_chat_request(parse_body(raw), default_max_tokens=self.default_max_tokens,
+                                 max_tokens_limit=self.max_tokens_limit)
+        ex = _Exchange(request, req, self.limits.request_timeout_s)
+        self.worker.submit(req)  # 503 when the queue is full
+        ex.watch_client()
+        try:
+            first = await ex.next()  # Admitted, or Failed (e.g. a prompt that does not fit: 400)
+            if isinstance(first, Failed):
+                raise first.error
+            if req.stream:
+                ex.unwatch()  # the streaming response watches the connection itself
+                return StreamingResponse(self._stream(ex, first), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            return await self._complete(ex, first)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody is listening
+        except BaseException:
+            req.cancel()
+            raise
+        finally:
+            ex.unwatch()
+
+    async def _complete(self, ex: _Exchange, admitted: Admitted) -> JSONResponse:
+        req, results = ex.req, {}
+        while len(results) < req.n:
+            ev = await ex.next()
+            if isinstance(ev, Failed):
+                raise ev.error
+            if isinstance(ev, Finished):
+                results[ev.index] = ev.result
+        choices = [{"index": i, "message": _choice_message(req, results[i]), "finish_reason": _finish(results[i]),
+                    "logprobs": None} for i in range(req.n)]
+        completion = sum(len(s.tokens) for s in results.values())
+        return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "usage": {"prompt_tokens": admitted.prompt_tokens, "completion_tokens": completion,
+                                       "total_tokens": admitted.prompt_tokens + completion}})
+
+    async def _stream(self, ex: _Exchange, admitted: Admitted) -> AsyncIterator[bytes]:  # noqa: ARG002
+        """SSE: a role chunk per choice, then content chunks as the engine decodes, a finish chunk
+        per choice, `data: [DONE]`. The client leaving cancels this generator and the request."""
+        req, cid, created, model = ex.req, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.model_name
+        sent, left = [""] * req.n, req.n
+        try:
+            for i in range(req.n):
+                yield _chunk(cid, created, model, i, {"role": "assistant", "content": ""})
+            while left:
+                try:
+                    ev = await ex.next()
+                except ApiError as e:
+                    yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+                    return
+                if isinstance(ev, Failed):
+                    yield b"data: " + json.dumps(ev.error.body()).encode() + b"\n\n"
+                    return
+                if isinstance(ev, Delta) and ev.text:
+                    sent[ev.index] += ev.text
+                    yield _chunk(cid, created, model, ev.index, {"content": ev.text})
+                elif isinstance(ev, Finished):
+                    left -= 1
+                    rest = _final_chunk(cid, created, model, req, ev, sent[ev.index])
+                    if rest:
+                        yield rest
+                    yield _chunk(cid, created, model, ev.index, {}, _finish(ev.result))
+            yield b"data: [DONE]\n\n"
+        finally:
+            req.cancel()  # no-op once finished; frees the rows when the client left or it timed out
+
+
+def _final_chunk(cid: str, created: int, model: str, req: ChatRequest, ev: Finished, sent: str) -> bytes:
+    """The chunk completing a choice: the text not streamed yet (all of it for the whole-request
+    path), plus the latents for the `sage` extension."""
+    msg = _choice_message(req, ev.result)
+    content = msg["content"]
+    delta: dict[str, Any] = {"content": content[len(sent):] if content.startswith(sent) else ""}
+    if req.sage:
+        delta["sage_latents"], delta["sage_raw"] = msg["sage_latents"], msg["sage_raw"]
+    return _chunk(cid, created, model, ev.index, delta) if (delta["content"] or req.sage) else b""
 
 
 def make_server(policy, host: str = "127.0.0.1", port: int = 0, max_batch: int = 8, max_queue: int = 64,

@@ -1,0 +1,395 @@
+"""The serving engine: one thread owning `max_batch` cache slots (continuous batching).
+
+Loop: admit queued requests into free slots (each prompt prefilled once, broadcast to its `n`
+rows), run at most `decode_steps` decode steps of every active row (one compiled step loop per
+distinct processing pipeline among them: greedy vs sampled, top_k, ...), hand each request its
+new text (`Delta`, for streaming) and its finished choices (`Finished`), and free the rows whose
+request finished, was cancelled (client gone, timed out) or hit a stop string. A request that
+arrives during a decode joins at the next step boundary instead of waiting for the batch.
+
+Per-row seeds (the request's `seed`, else a random one) make a row's tokens independent of the
+rows it shares the batch with (see `serve.slots`).
+
+Whole-request path: requests with the `sage` extension (latent pinning runs several phases, see
+`rollout.steer.steer`) and requests with `n` above the slot count run as one `steer` call in the
+engine thread between decode steps; the slots wait meanwhile.
+
+Events (passed to `ChatRequest.emit`, from the engine thread): `Admitted(prompt_tokens)` once,
+`Delta(index, text)` (streaming requests only), `Finished(index, Steered)` per choice, or
+`Failed(ApiError)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sage_jax.rollout.sampler import REASONS, STOP, bucket
+from sage_jax.rollout.sampling import Processing
+from sage_jax.rollout.steer import Steered, _cut_stops, steer
+from sage_jax.serve.protocol import ApiError, ChatRequest, Overloaded
+from sage_jax.serve.slots import decode_slots, empty_slots, finish_slots, insert_slots, prefill_slots
+
+__all__ = ["EngineConfig", "SlotEngine", "Admitted", "Delta", "Finished", "Failed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    index: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    index: int
+    result: Steered
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # cache slots: rows decoding at once
+    max_queue: int = 64  # requests waiting for a slot before answering 503
+    max_model_len: int = 2048  # tokens per slot (prompt + reply); longer prompts are refused (400)
+    max_tokens_limit: int = 2048  # a request's max_tokens is clamped to this
+    decode_steps: int = 4  # decode steps between admissions (and stream flushes)
+    batch_wait_s: float = 0.005  # an idle engine waits this long for more arrivals to admit together
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_queue < 1 or self.decode_steps < 1:
+            raise ValueError("max_batch, max_queue and decode_steps must be >= 1")
+        if self.max_model_len < 2 or self.max_tokens_limit < 1:
+            raise ValueError("max_model_len must be >= 2 and max_tokens_limit >= 1")
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    req: ChatRequest
+    remaining: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    job: _Job
+    index: int  # the choice index
+    proc: Processing
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    sent: str = ""  # text streamed so far
+
+
+class _Rate:
+    """Tokens per second over the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s, self.events = window_s, collections.deque()
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        self.events.append((now, n))
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+
+    def per_s(self) -> float:
+        now = time.monotonic()
+        total = sum(n for t, n in list(self.events) if t >= now - self.window_s)
+        return total / self.window_s
+
+
+def _emit(req: ChatRequest, event) -> None:
+    if req.emit is not None:
+        try:
+            req.emit(event)
+        except RuntimeError:  # the server's event loop is gone (shutting down)
+            pass
+
+
+def _stable(text: str, hold: int) -> str:
+    """The part of a growing text that can be streamed: not a possible start of a stop string
+    (the last `hold` characters) nor an incomplete UTF-8 sequence."""
+    if hold:
+        text = text[: max(0, len(text) - hold)]
+    return text.rstrip("\ufffd")
+
+
+class SlotEngine:
+    """A bounded request queue and the thread running the slots (see the module docstring).
+
+    Hooks for tests: ``before_batch(requests)`` is called before each admission round,
+    ``after_step()`` after each round of decode steps (rows' new text already handed out).
+    ``stats``: requests (answered), rejected (503s), batches (admission rounds), rows (rows
+    admitted), max_rows (most rows decoding at once), tokens (generated), decode_calls, steer_calls,
+    cancelled (requests dropped because their client left or timed out), errors.
+    """
+
+    def __init__(self, policy, config: EngineConfig = EngineConfig()):
+        self.policy, self.config = policy, config
+        self.queue: queue.Queue[ChatRequest] = queue.Queue(maxsize=config.max_queue)
+        self.before_batch: Callable[[list[ChatRequest]], None] | None = None
+        self.after_step: Callable[[], None] | None = None
+        self.stats = {"requests": 0, "rejected": 0, "batches": 0, "rows": 0, "max_rows": 0, "tokens": 0,
+                      "decode_calls": 0, "steer_calls": 0, "cancelled": 0, "errors": 0}
+        self.new_len = bucket(config.max_tokens_limit, 16)
+        self._rate = _Rate()
+        self._pending: collections.deque[ChatRequest] = collections.deque()
+        self._slots: list[_Row | None] = [None] * config.max_batch
+        self._state = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sage-engine", daemon=True)
+        self._thread.start()
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch
+
+    def submit(self, req: ChatRequest) -> None:
+        if self._stop.is_set():
+            raise ApiError(503, "server shutting down", "server_shutting_down")
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            self.stats["rejected"] += 1
+            raise Overloaded() from None
+
+    def queued(self) -> int:
+        return self.queue.qsize() + len(self._pending)
+
+    def active_rows(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    def snapshot(self) -> dict:
+        return dict(self.stats, queued=self.queued(), active_rows=self.active_rows(), slots=self.max_batch,
+                    tokens_per_s=round(self._rate.per_s(), 2))
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread; answer every queued and running request with 503."""
+        self._stop.set()
+        self._thread.join(timeout)
+        gone = ApiError(503, "server shutting down", "server_shutting_down")
+        while True:
+            try:
+                self._pending.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for req in self._pending:
+            _emit(req, Failed(gone))
+        self._pending.clear()
+        for job in {id(r.job): r.job for r in self._slots if r is not None}.values():
+            _emit(job.req, Failed(gone))
+        self._slots = [None] * self.max_batch
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self.active_rows():
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - every request must be answered; the slots restart
+                self._fail_active(ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+
+    def _fail_active(self, err: ApiError) -> None:
+        self.stats["errors"] += 1
+        for job in {id(r.job): r.job for r in self._slots if r is not None}.values():
+            _emit(job.req, Failed(err))
+        self._slots = [None] * self.max_batch
+        self._state = None
+
+    def _free(self) -> list[int]:
+        return [i for i, r in enumerate(self._slots) if r is None]
+
+    def _pull(self, block: bool) -> None:
+        """Move queued requests to `_pending` (an idle engine waits briefly to admit a group)."""
+        try:
+            self._pending.append(self.queue.get(timeout=0.1) if block else self.queue.get_nowait())
+        except queue.Empty:
+            return
+        deadline = time.monotonic() + (self.config.batch_wait_s if block else 0.0)
+        while len(self._pending) < self.max_batch:
+            try:
+                self._pending.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+
+    def _whole(self, req: ChatRequest) -> bool:
+        return req.sage or req.n > self.max_batch
+
+    def _take(self) -> list[ChatRequest]:
+        """Pending requests that fit the free slots now, in arrival order."""
+        free, out = len(self._free()), []
+        while self._pending:
+            req = self._pending[0]
+            if req.cancelled.is_set():
+                self._pending.popleft()
+                self.stats["cancelled"] += 1
+                continue
+            need = 0 if self._whole(req) else req.n
+            if need > free:
+                break
+            out.append(self._pending.popleft())
+            free -= need
+        return out
+
+    def _admit(self) -> None:
+        if not self._pending:
+            self._pull(block=not self.active_rows())
+        reqs = self._take()
+        if not reqs:
+            return
+        if self.before_batch is not None:
+            self.before_batch(reqs)
+        self.stats["batches"] += 1
+        for req in reqs:
+            if not self._whole(req):
+                self._start(req)
+        whole = [r for r in reqs if self._whole(r)]
+        if whole:
+            self._run_whole(whole)
+
+    def _ensure_state(self) -> None:
+        if self._state is None:
+            pol = self.policy
+            self._state = empty_slots(pol.cfg, pol.params, self.max_batch, self.config.max_model_len, self.new_len)
+
+    def _start(self, req: ChatRequest) -> None:
+        """Prefill a request's prompt into free slots (one row per choice)."""
+        pol = self.policy
+        try:
+            prompt = pol.encode_chat(req.messages, prefill=req.prefill or "")
+            self._ensure_state()
+            rows = prefill_slots(pol.cfg, pol.params, prompt, req.sampling, req.row_seeds(),
+                                 cache_len=self.config.max_model_len, new_len=self.new_len)
+        except ValueError as e:  # e.g. a prompt longer than max_model_len
+            _emit(req, Failed(ApiError(400, str(e))))
+            return
+        free = self._free()[: req.n]
+        index = free + [self._state.batch] * (rows.batch - req.n)  # padding rows: dropped
+        self._state = insert_slots(self._state, rows, jnp.asarray(index, jnp.int32))
+        job, proc = _Job(req, req.n), Processing.of(req.sampling, pol.cfg.vocab_size)
+        for j, slot in enumerate(free):
+            self._slots[slot] = _Row(job, j, proc)
+        self.stats["rows"] += req.n
+        self.stats["max_rows"] = max(self.stats["max_rows"], self.active_rows())
+        _emit(req, Admitted(len(prompt)))
+
+    def _step(self) -> None:
+        pol = self.policy
+        groups: dict[Processing, np.ndarray] = {}
+        for i, row in enumerate(self._slots):
+            if row is not None:
+                groups.setdefault(row.proc, np.zeros((self._state.batch,), bool))[i] = True
+        for proc, mask in groups.items():
+            self._state = decode_slots(pol.cfg, proc, pol.params, self._state, mask, self.config.decode_steps)
+            self.stats["decode_calls"] += 1
+        st = self._state
+        tokens, lengths, done, reasons = jax.device_get((st.tokens, st.length, st.done, st.reason))
+        stop = np.zeros((st.batch,), bool)
+        for i, row in enumerate(self._slots):
+            if row is not None:
+                stop[i] = self._advance(i, row, tokens[i, len(row.tokens): int(lengths[i])], bool(done[i]),
+                                        int(reasons[i]))
+        if stop.any():
+            self._state = finish_slots(self._state, jnp.asarray(stop))
+        if self.after_step is not None:
+            self.after_step()
+
+    def _advance(self, slot: int, row: _Row, new: np.ndarray, done: bool, reason: int) -> bool:
+        """Take a row's new tokens; stream them; finish it if done. True: mark it done on device."""
+        req = row.job.req
+        if req.cancelled.is_set():
+            self._release(slot, row, None)
+            return not done
+        row.tokens.extend(int(t) for t in new)
+        self.stats["tokens"] += len(new)
+        self._rate.add(len(new))
+        stops = req.sampling.stop_strings
+        if not (req.stream or stops) and not done:
+            return False
+        text, cut = _cut_stops(self.policy.decode(row.tokens), stops)
+        finished = done or cut
+        if req.stream:
+            safe = text if finished else _stable(text, max((len(s) for s in stops), default=1) - 1)
+            if safe.startswith(row.sent) and len(safe) > len(row.sent):
+                _emit(req, Delta(row.index, safe[len(row.sent):]))
+                row.sent = safe
+        if finished:
+            finish = "stop" if cut or reason == STOP else REASONS.get(reason, "length")
+            self._release(slot, row, Steered(None, None, text, text, finish, tokens=list(row.tokens)))
+        return cut and not done
+
+    def _release(self, slot: int, row: _Row, result: Steered | None) -> None:
+        self._slots[slot] = None
+        job = row.job
+        if result is None:  # cancelled: the request is dropped once, with all its rows
+            if job.remaining > 0:
+                job.remaining = 0
+                self.stats["cancelled"] += 1
+            return
+        _emit(job.req, Finished(row.index, result))
+        job.remaining -= 1
+        if job.remaining == 0:
+            self.stats["requests"] += 1
+
+    # -- the whole-request path (sage extension, n > slots) -----------------------------------
+
+    def _run_whole(self, reqs: list[ChatRequest]) -> None:
+        groups: dict[tuple, list[ChatRequest]] = {}
+        for r in reqs:
+            groups.setdefault(r.group_key, []).append(r)
+        for group in groups.values():
+            self._steer(group)
+
+    def _steer(self, reqs: list[ChatRequest]) -> None:
+        """One steer() call for a group of requests (its phases are batched generations)."""
+        pol = self.policy
+        convs, pins, sps, seeds = [], [], [], []
+        for r in reqs:
+            for s in r.row_seeds():
+                convs.append(r.messages)
+                pins.append(r.pins)
+                sps.append(r.sampling)
+                seeds.append(s)
+
+        def counted(rows: int) -> None:  # noqa: ARG001
+            self.stats["steer_calls"] += 1
+
+        try:
+            prompt_tokens = [len(pol.encode_chat(r.messages, prefill=r.prefill or "")) for r in reqs]
+            out = steer(pol, convs, pins, sps, seed=0, row_seeds=seeds, on_generate=counted)
+        except ValueError as e:  # e.g. a prompt longer than the model's cache
+            for r in reqs:
+                _emit(r, Failed(ApiError(400, str(e))))
+            return
+        self.stats["rows"] += len(convs)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(convs))
+        i = 0
+        for r, pt in zip(reqs, prompt_tokens):
+            _emit(r, Admitted(pt))
+            for j, s in enumerate(out[i: i + r.n]):
+                self.stats["tokens"] += len(s.tokens)
+                self._rate.add(len(s.tokens))
+                _emit(r, Finished(j, s))
+            i += r.n
+            self.stats["requests"] += 1

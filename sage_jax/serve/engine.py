@@ -296,12 +296,12 @@ class SlotEngine:
 
     def _step(self) -> None:
         pol = self.policy
-        groups: dict[Processing, np.ndarray] = {}
+        groups: dict[Processing, list[int]] = {}
         for i, row in enumerate(self._slots):
             if row is not None:
-                groups.setdefault(row.proc, np.zeros((self._state.batch,), bool))[i] = True
-        for proc, mask in groups.items():
-            self._state = decode_slots(pol.cfg, proc, pol.params, self._state, mask, self.config.decode_steps)
+                groups.setdefault(row.proc, []).append(i)
+        for proc, rows in groups.items():
+            self._state = decode_slots(pol.cfg, proc, pol.params, self._state, rows, self.config.decode_steps)
             self.stats["decode_calls"] += 1
         st = self._state
         tokens, lengths, done, reasons = jax.device_get((st.tokens, st.length, st.done, st.reason))

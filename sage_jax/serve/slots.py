@@ -9,7 +9,7 @@ on which rows shared the batch or when it joined.
     state = empty_slots(cfg, params, rows=8, cache_len=2048, new_len=256)
     new = prefill_slots(cfg, params, prompt, sampling, row_seeds=[s0, s1], cache_len=2048, new_len=256)
     state = insert_slots(state, new, jnp.asarray([3, 5]))       # rows 3 and 5 join
-    state = decode_slots(cfg, proc, params, state, mask, steps=4)  # <= 4 steps of the rows in mask
+    state = decode_slots(cfg, proc, params, state, [3, 5], steps=4)  # <= 4 steps of rows 3 and 5
     state = finish_slots(state, cancelled_mask)                  # rows leave early
 """
 
@@ -74,15 +74,17 @@ def _put(dst: jax.Array, src: jax.Array, index: jax.Array, axis: int) -> jax.Arr
     return dst.at[index].set(src, mode="drop")
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def insert_slots(state: SamplerState, rows: SamplerState, index: jax.Array) -> SamplerState:
-    """`rows`' rows into `state` at row indices `index` (one per row of `rows`; an index >=
-    state.batch drops that row). The whole row is replaced: cache, logits, settings, counters."""
+def _insert(state: SamplerState, rows: SamplerState, index: jax.Array) -> SamplerState:
     cache = {name: _put(state.cache[name], rows.cache[name], index, 1 if name in ("k", "v") else 0)
              for name in state.cache}
     fields = {f.name: _put(getattr(state, f.name), getattr(rows, f.name), index, 0)
               for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
     return dataclasses.replace(state, cache=cache, **fields)
+
+
+insert_slots = jax.jit(_insert, donate_argnames=("state",))
+insert_slots.__doc__ = """`rows`' rows into `state` at row indices `index` (one per row of `rows`; an index >=
+state.batch drops that row). The whole row is replaced: cache, logits, settings, counters."""
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -92,12 +94,35 @@ def finish_slots(state: SamplerState, mask: jax.Array) -> SamplerState:
     return dataclasses.replace(state, done=state.done | mask, reason=reason)
 
 
+def _take(a: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    return a[:, index] if axis == 1 else a[index]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "proc", "steps"), donate_argnames=("state",))
-def _decode_slots(cfg: ModelConfig, proc: Processing, params, state: SamplerState, rows: jax.Array,
+def _decode_gathered(cfg: ModelConfig, proc: Processing, params, state: SamplerState, index: jax.Array,
                   steps: int) -> SamplerState:
-    others = ~rows
+    # Decode a copy of just the rows in `index` (the per-row work, vocabulary-wide sampling above
+    # all, is paid for active rows only), then put them back; out-of-range indices are padding.
+    pad = index >= state.batch
+    rows = jnp.minimum(index, state.batch - 1)  # padding reads a real row, is marked done, is not put back
+    cache = {name: _take(state.cache[name], rows, 1 if name in ("k", "v") else 0) for name in state.cache}
+    fields = {f.name: _take(getattr(state, f.name), rows, 0)
+              for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
+    sub = dataclasses.replace(state, cache=cache, **fields)
     n = state.tokens.shape[1]
     # `decode` runs while step < n: starting at n - steps bounds it to `steps` iterations.
+    sub = dataclasses.replace(sub, done=sub.done | pad, step=jnp.asarray(n - steps, jnp.int32))
+    sub = decode(cfg, proc, params, sub)
+    return dataclasses.replace(_insert(state, sub, index), step=state.step)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "proc", "steps"), donate_argnames=("state",))
+def _decode_masked(cfg: ModelConfig, proc: Processing, params, state: SamplerState, rows: jax.Array,
+                   steps: int) -> SamplerState:
+    # Decode the whole state in place with the rows not in `rows` held done (no copy of the cache:
+    # for when most rows take part).
+    others = ~rows
+    n = state.tokens.shape[1]
     st = dataclasses.replace(state, done=state.done | others, step=jnp.asarray(n - steps, jnp.int32))
     st = decode(cfg, proc, params, st)
     # The other rows' cache slot at `end` got a padding write, which their next token overwrites;
@@ -108,8 +133,17 @@ def _decode_slots(cfg: ModelConfig, proc: Processing, params, state: SamplerStat
 
 
 @parallel.on_params_mesh
-def decode_slots(cfg: ModelConfig, proc: Processing, params, state: SamplerState, rows: np.ndarray,
+def decode_slots(cfg: ModelConfig, proc: Processing, params, state: SamplerState, rows: Sequence[int],
                  steps: int) -> SamplerState:
-    """At most `steps` decode steps of the rows in `rows` ([B] bool: the active rows that share
-    `proc`, a static processing pipeline); the other rows are left as they are."""
-    return _decode_slots(cfg, proc, params, state, jnp.asarray(rows), int(min(steps, state.tokens.shape[1])))
+    """At most `steps` decode steps of the rows `rows` (indices of active rows that share `proc`,
+    a static processing pipeline); the other rows are left as they are. A few rows of many run on
+    a copy of just those rows (padded to a power of two), most rows in place."""
+    steps = int(min(steps, state.tokens.shape[1]))
+    width = parallel.pad_rows(bucket(len(rows)))
+    if width >= state.batch:
+        mask = np.zeros((state.batch,), bool)
+        mask[list(rows)] = True
+        return _decode_masked(cfg, proc, params, state, jnp.asarray(mask), steps)
+    index = np.full((width,), state.batch, np.int32)
+    index[: len(rows)] = rows
+    return _decode_gathered(cfg, proc, params, state, jnp.asarray(index), steps)

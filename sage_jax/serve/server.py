@@ -97,14 +97,18 @@ class _HeadDeadlineH11(H11Protocol):
         self._arm_head_deadline()
 
     def on_response_complete(self) -> None:
+        self._disarm_head_deadline()  # the next request head gets the full time
         super().on_response_complete()
         self._arm_head_deadline()
 
     def connection_lost(self, exc) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _disarm_head_deadline(self) -> None:
         if getattr(self, "_head_deadline", None) is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
-        super().connection_lost(exc)
 
     def _arm_head_deadline(self) -> None:
         if self._head_deadline is None and not self.transport.is_closing():

@@ -186,6 +186,12 @@ def _choice_message(req: ChatRequest, s: Steered) -> dict:
     return msg
 
 
+def _usage(admitted: Admitted, results) -> dict:
+    completion = sum(len(s.tokens) for s in results)
+    return {"prompt_tokens": admitted.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": admitted.prompt_tokens + completion}
+
+
 def _finish(s: Steered) -> str:
     return "stop" if s.finish_reason == "stop" else "length"
 
@@ -451,17 +457,15 @@ class SageServer:
                 results[ev.index] = ev.result
         choices = [{"index": i, "message": _choice_message(req, results[i]), "finish_reason": _finish(results[i]),
                     "logprobs": None} for i in range(req.n)]
-        completion = sum(len(s.tokens) for s in results.values())
         return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                              "created": int(time.time()), "model": self.model_name, "choices": choices,
-                             "usage": {"prompt_tokens": admitted.prompt_tokens, "completion_tokens": completion,
-                                       "total_tokens": admitted.prompt_tokens + completion}})
+                             "usage": _usage(admitted, results.values())})
 
-    async def _stream(self, ex: _Exchange, admitted: Admitted) -> AsyncIterator[bytes]:  # noqa: ARG002
+    async def _stream(self, ex: _Exchange, admitted: Admitted) -> AsyncIterator[bytes]:
         """SSE: a role chunk per choice, then content chunks as the engine decodes, a finish chunk
         per choice, `data: [DONE]`. The client leaving cancels this generator and the request."""
         req, cid, created, model = ex.req, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.model_name
-        sent, left = [""] * req.n, req.n
+        sent, left, results = [""] * req.n, req.n, []
         try:
             for i in range(req.n):
                 yield _chunk(cid, created, model, i, {"role": "assistant", "content": ""})
@@ -479,10 +483,15 @@ class SageServer:
                     yield _chunk(cid, created, model, ev.index, {"content": ev.text})
                 elif isinstance(ev, Finished):
                     left -= 1
+                    results.append(ev.result)
                     rest = _final_chunk(cid, created, model, req, ev, sent[ev.index])
                     if rest:
                         yield rest
                     yield _chunk(cid, created, model, ev.index, {}, _finish(ev.result))
+            if req.include_usage:  # OpenAI's stream_options: a last chunk without choices
+                yield b"data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                              "model": model, "choices": [],
+                                              "usage": _usage(admitted, results)}).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
             req.cancel()  # no-op once finished; frees the rows when the client left or it timed out

@@ -7,6 +7,9 @@ import json
 import pytest
 
 from sage_jax.data.jsonl import read_sac
+from sage_jax.data.readers import read_seeds
+from sage_jax.data.sample import sample_path
+from sage_jax.data.split import seed_id
 from sage_jax.data.pairs import read_pairs
 from sage_jax.judge import Completion
 from sage_jax.rollout import SamplingParams, generate
@@ -134,7 +137,7 @@ def test_search_with_endpoint_assistant_and_user_branching_sample(srv, tmp_path,
     summary = tree.run_search(cfg)
     assert summary["searched"] == 2
     trees = {t["id"]: t for t in map(json.loads, open(out / "trees.jsonl"))}
-    assert sorted(trees) == ["seed00000", "seed00001"]
+    assert sorted(trees) == sorted(seed_id(x) for x in read_seeds(sample_path("ed_test_seeds.txt"), limit=2))
     for t in trees.values():
         assert 1 <= len(t["nodes"]) <= 2  # 2 unless the simulated user gave up (an empty reply)
         for node in t["nodes"]:

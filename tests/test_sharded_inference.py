@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 
 from sage_jax import model, parallel, rollout
+from sage_jax.data.readers import read_seeds
+from sage_jax.data.sample import sample_path
+from sage_jax.data.split import seed_id
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = {
@@ -145,7 +148,7 @@ def test_greedy_search_on_mesh_equals_one_device(tiny_dir, tmp_path, name):
     run_search(_search_cfg(tiny_dir, tmp_path / "mesh", mesh=MESHES[name]))
     one, mesh = _files(tmp_path / "one"), _files(tmp_path / "mesh")
     trees = [json.loads(x) for x in one["trees"].splitlines()]
-    assert [t["id"] for t in trees] == ["seed00000", "seed00001", "seed00002"]
+    assert [t["id"] for t in trees] == [seed_id(x) for x in read_seeds(sample_path("ed_test_seeds.txt"), limit=3)]
     assert all(len(n["candidates"]) == 4 for t in trees for n in t["nodes"])
     assert mesh == one
 
@@ -286,7 +289,7 @@ def test_two_process_search_splits_seeds_and_equals_one_process(tiny_dir, tmp_pa
     assert [s["searched"] for s in sums] == [4, 2]
     assert not list(out.glob("*.p*.jsonl")), "the shards were merged and removed"
     ids = [json.loads(x)["id"] for x in (out / "trees.jsonl").read_text().splitlines()]
-    assert ids == [f"seed{i:05d}" for i in range(6)]  # every seed exactly once, in seed order
+    assert ids == [seed_id(x) for x in read_seeds(sample_path("ed_test_seeds.txt"), limit=6)]  # once each, in seed order
     assert _files(out) == _files(ref)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-__all__ = ["normalise_seed", "seed_hash", "split_seeds"]
+__all__ = ["normalise_seed", "seed_hash", "seed_id", "split_seeds"]
 
 
 def normalise_seed(text: str) -> str:
@@ -34,6 +34,13 @@ def seed_hash(text: str, salt: str = "") -> float:
     """A number in [0, 1) from the SHA-256 of ``salt`` and the normalised ``text``."""
     digest = hashlib.sha256(f"{salt}\x00{normalise_seed(text)}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def seed_id(text: str) -> str:
+    """A seed's id from its content (``seed-`` + 12 hex digits of the SHA-256 of the normalised
+    text): the same seed keeps its id whatever file, line or order it comes from, so outputs keyed
+    by it resume correctly after the seed file is reordered or extended."""
+    return "seed-" + hashlib.sha256(normalise_seed(text).encode("utf-8")).hexdigest()[:12]
 
 
 def split_seeds(seeds: Iterable[str], *, held_out_fraction: float | None = None,

@@ -17,13 +17,15 @@ files; after a barrier, process 0 merges the shards into the usual files.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Sequence, TypeVar
 
 import jax
 
-from sage_jax.data.jsonl import _repair_tail, done_ids
+from sage_jax.data.jsonl import _repair_tail, done_ids, read_records
+from sage_jax.data.split import normalise_seed
 
 KINDS = ("trees", "sft", "trajectories", "pairs")
 T = TypeVar("T")
@@ -53,6 +55,57 @@ def finished_ids(out: Path) -> set[str]:
     for f in shard_files(out, "trees"):
         ids |= done_ids(f)
     return ids
+
+
+def finished_seed_texts(out: Path) -> set[str]:
+    """Normalised seed texts of every finished tree (main file and shards): how a run whose ids
+    were positions in the seed file (before content ids) is resumed without searching again."""
+    texts = set()
+    for f in [Path(out) / "trees.jsonl", *shard_files(out, "trees")]:
+        if f.exists():
+            for rec in read_records(f).values():
+                if isinstance(rec, dict) and rec.get("seed") is not None:
+                    texts.add(normalise_seed(rec["seed"]))
+    return texts
+
+
+def _groups(out: Path) -> list[str]:
+    """File-name suffixes of the output groups: "" (the main files) and ".p<p>" per shard set."""
+    pat = re.compile(rf"^(?:{'|'.join(KINDS)})(\.p\d+)\.jsonl$")
+    found = {m.group(1) for f in Path(out).glob("*.p*.jsonl") if (m := pat.match(f.name))}
+    return [""] + sorted(found)
+
+
+def reconcile(out: Path) -> dict[str, int]:
+    """Make every output group hold exactly its finished seeds, once.
+
+    A seed's tree line is written last, so it marks the seed finished; a kill before it leaves
+    that seed's sft/trajectory/pair lines behind. Here (at start, before any work) those lines,
+    and any repeated record, are dropped, each file rewritten atomically (temp file + rename) when
+    it changes; the seed is then searched again and written once. Returns lines dropped per file."""
+    out = Path(out)
+    dropped = {}
+    for g in _groups(out):
+        trees = out / f"trees{g}.jsonl"
+        if trees.exists():
+            _repair_tail(trees)
+        finished = {rid for rid, _ in _lines(trees)} if trees.exists() else set()
+        for kind in KINDS:
+            path = out / f"{kind}{g}.jsonl"
+            if not path.exists():
+                continue
+            _repair_tail(path)
+            lines, seen, keep = _lines(path), set(), []
+            for rid, line in lines:
+                if _seed_of(rid) in finished and rid not in seen:
+                    seen.add(rid)
+                    keep.append(line)
+            if len(keep) != len(lines) or path.stat().st_size != sum(map(len, keep)):
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_bytes(b"".join(keep))
+                os.replace(tmp, path)
+                dropped[path.name] = len(lines) - len(keep)
+    return dropped
 
 
 def my_batches(todo: Sequence[T], batch_seeds: int, process: int | None = None,
@@ -91,8 +144,9 @@ def _lines(path: Path) -> list[tuple[str, bytes]]:
     return out
 
 
-def merge(out: Path, kinds: Sequence[str] = KINDS) -> dict[str, int]:
-    """Append every shard's records not yet in `<kind>.jsonl` to it in seed order; remove the shards.
+def merge(out: Path, kinds: Sequence[str] = KINDS, seed_order: Sequence[str] = ()) -> dict[str, int]:
+    """Append every shard's records not yet in `<kind>.jsonl` to it in seed order (``seed_order``: the
+    seed ids in the seed file's order; ids not in it go last, by id); remove the shards.
 
     Trees go last, so a crash mid-merge leaves a seed either still in a shard or fully merged
     (its tree is what marks it finished).
@@ -111,7 +165,9 @@ def merge(out: Path, kinds: Sequence[str] = KINDS) -> dict[str, int]:
             have = done_ids(main)
         records = [r for f in shards[kind] for r in _lines(f)]
         # seed order, then each seed's records in their written order (a stable sort)
-        records = sorted(enumerate(records), key=lambda ir: (_seed_of(ir[1][0]), ir[0]))
+        rank = {sid: i for i, sid in enumerate(seed_order)}
+        records = sorted(enumerate(records),
+                         key=lambda ir: (rank.get(_seed_of(ir[1][0]), len(rank)), _seed_of(ir[1][0]), ir[0]))
         new = [line for _, (rid, line) in records if rid not in have]
         with open(main, "ab") as f:
             f.writelines(new)
@@ -122,11 +178,11 @@ def merge(out: Path, kinds: Sequence[str] = KINDS) -> dict[str, int]:
     return counts
 
 
-def finish(out: Path) -> dict[str, int]:
+def finish(out: Path, seed_order: Sequence[str] = ()) -> dict[str, int]:
     """After a (possibly multi-process) search: barrier, then process 0 merges any shards; barrier."""
     barrier("sage_jax.search.done")
     counts = {}
     if jax.process_index() == 0:
-        counts = merge(out)
+        counts = merge(out, seed_order=seed_order)
     barrier("sage_jax.search.merged")
     return counts

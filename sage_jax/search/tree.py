@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import logging
 import random
 import sys
 import time
@@ -45,6 +46,7 @@ from typing import Literal, Sequence
 from sage_jax import parallel, rollout
 from sage_jax.data.jsonl import JsonlWriter
 from sage_jax.data.readers import read_seeds
+from sage_jax.data.split import normalise_seed, seed_id
 from sage_jax.data.sample import sample_path
 from sage_jax.judge import make_judge, rank_top
 from sage_jax.rollout.compiles import CompileCounter
@@ -55,6 +57,8 @@ from sage_jax.rollout.selfplay import Episode, user_turns
 from sage_jax.search import shards
 from sage_jax.sac import (DEFAULT_SCHEMA, Dialogue, Latent, dialogue_to_json, get_vocabulary, latent_to_json,
                           parse_assistant_lenient, render_latent, strip_latents)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,6 +475,24 @@ def _seed_path(spec: str) -> Path:
     return Path(spec)
 
 
+def seed_items(seeds: Sequence[str]) -> tuple[list[tuple[str, str]], int]:
+    """(id, seed) per distinct seed, ids from the content (`data.split.seed_id`): a reordered or
+    extended seed file resumes without skipping or repeating a seed. Also the repeated lines."""
+    items, seen = [], set()
+    for s in seeds:
+        i = seed_id(s)
+        if i not in seen:
+            seen.add(i)
+            items.append((i, s))
+    return items, len(seeds) - len(items)
+
+
+def batch_seed(seed: int, batch: Sequence[tuple[str, str]]) -> int:
+    """The sampling seed of a batch, from its first dialogue's id (not its position in the todo
+    list, which shrinks on resume): a resumed batch samples as it would have in one run."""
+    return seed + int(batch[0][0].rsplit("-", 1)[-1], 16) % (1 << 30)
+
+
 def run_search(cfg: SearchConfig) -> dict:
     """Search every seed not yet finished in output_dir; returns counts and output paths."""
     import jax
@@ -483,17 +505,23 @@ def run_search(cfg: SearchConfig) -> dict:
     parallel.initialize_distributed()  # a no-op on one process
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = read_seeds(_seed_path(cfg.seeds), limit=cfg.num_seeds)
-    items = [(f"seed{i:05d}", s) for i, s in enumerate(seeds)]
+    items, repeated = seed_items(read_seeds(_seed_path(cfg.seeds), limit=cfg.num_seeds))
+    if jax.process_index() == 0:
+        dropped = shards.reconcile(out)  # lines a killed run wrote ahead of their seed's tree
+        if dropped:
+            log.info("search: dropped the records of unfinished or repeated seeds: %s", dropped)
+    shards.barrier("sage_jax.search.reconciled")
     finished = shards.finished_ids(out)  # trees.jsonl and unmerged per-process shards
-    todo = [it for it in items if it[0] not in finished]
-    print(f"search: {len(items)} seeds, {len(finished & {i for i, _ in items})} already done, {len(todo)} to go; "
+    texts = shards.finished_seed_texts(out)  # also finds trees written under positional ids
+    todo = [it for it in items if it[0] not in finished and normalise_seed(it[1]) not in texts]
+    print(f"search: {len(items)} seeds{f' ({repeated} repeated lines skipped)' if repeated else ''}, "
+          f"{len(items) - len(todo)} already done, {len(todo)} to go; "
           f"K={cfg.k}, {cfg.turns} turns, judge {cfg.judge}", file=sys.stderr)
     summary = {"seeds": len(items), "skipped_done": len(items) - len(todo), "searched": 0, "pairs": 0,
                "abandoned": 0, "rejected_tries": 0,
                "output_dir": str(out)}
     if not todo:
-        shards.finish(out)  # shards a killed multi-process run left behind
+        shards.finish(out, seed_order=[i for i, _ in items])  # shards a killed multi-process run left behind
         return summary
     policy = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
     sim = (policy if cfg.user_model in (None, cfg.model)
@@ -509,7 +537,7 @@ def run_search(cfg: SearchConfig) -> dict:
     actions = []
     try:
         for b, batch in mine:
-            for r in search_batch(policy, sim, judge, batch, cfg, seed=cfg.seed + b, pools=pools):
+            for r in search_batch(policy, sim, judge, batch, cfg, seed=batch_seed(cfg.seed, batch), pools=pools):
                 actions += [n["distinct_actions"] for n in r["nodes"]]
                 summary["rejected_tries"] += sum(n["chosen"] is None for n in r["nodes"])
                 d = dialogue_to_json(r["dialogue"])
@@ -538,5 +566,5 @@ def run_search(cfg: SearchConfig) -> dict:
           f"{stats.reused_tokens} reused, {stats.rewinds} rewinds; mean distinct actions per node "
           f"{summary['distinct_actions_mean']}; {summary['abandoned']} dialogues abandoned after "
           f"{cfg.step_tries} rejected tries ({summary['rejected_tries']} rejected tries in all)", file=sys.stderr)
-    shards.finish(out)  # several processes: wait for all, process 0 merges the shards
+    shards.finish(out, seed_order=[i for i, _ in items])  # several processes: wait for all, process 0 merges the shards
     return summary

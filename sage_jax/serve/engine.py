@@ -278,7 +278,11 @@ class SlotEngine:
         pol = self.policy
         try:
             prompt = pol.encode_chat(req.messages, prefill=req.prefill or "")
-            self._ensure_state()
+        except Exception as e:  # noqa: BLE001 - the chat template refused this conversation
+            _emit(req, Failed(ApiError(400, f"cannot render the conversation: {type(e).__name__}: {e}")))
+            return
+        self._ensure_state()
+        try:
             rows = prefill_slots(pol.cfg, pol.params, prompt, req.sampling, req.row_seeds(),
                                  cache_len=self.config.max_model_len, new_len=self.new_len)
         except ValueError as e:  # e.g. a prompt longer than max_model_len
@@ -378,9 +382,11 @@ class SlotEngine:
         try:
             prompt_tokens = [len(pol.encode_chat(r.messages, prefill=r.prefill or "")) for r in reqs]
             out = steer(pol, convs, pins, sps, seed=0, row_seeds=seeds, on_generate=counted)
-        except ValueError as e:  # e.g. a prompt longer than the model's cache
+        except Exception as e:  # noqa: BLE001 - e.g. a prompt longer than the model's cache (ValueError): 400
+            err = (ApiError(400, str(e)) if isinstance(e, ValueError) else
+                   ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
             for r in reqs:
-                _emit(r, Failed(ApiError(400, str(e))))
+                _emit(r, Failed(err))
             return
         self.stats["rows"] += len(convs)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(convs))

@@ -205,9 +205,12 @@ def test_openai_client_streams_token_by_token(srv, hooks):
     hooks.after_step = hold_until_client_saw_a_chunk
     tokens_before = srv.stats["tokens"]
     stream = client.chat.completions.create(model="x", messages=CHAT["messages"], temperature=0, max_tokens=24,
-                                            stream=True, extra_body={"min_tokens": 24})
-    parts = []
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"min_tokens": 24})
+    parts, usage = [], []
     for ch in stream:
+        if ch.usage is not None:
+            usage.append(ch.usage)
         text = ch.choices[0].delta.content if ch.choices else None
         if text:
             if not parts:
@@ -217,6 +220,7 @@ def test_openai_client_streams_token_by_token(srv, hooks):
     assert "".join(parts) == whole.choices[0].message.content
     assert len(parts) >= 3, parts
     assert decoded_at_first[0] < 24  # the first chunk arrived before the last token was decoded
+    assert [u.completion_tokens for u in usage] == [24] and usage[0].prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_continuous_batching_short_request_finishes_first(srv, hooks):

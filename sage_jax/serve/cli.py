@@ -51,8 +51,9 @@ def serve(cfg: ServeConfig) -> int:
     auth = "API key required" if srv.api_key else f"no API key (--api-key or {API_KEY_ENV})"
     print(f"serving {srv.model_name} at {srv.url} (max_batch={cfg.max_batch}, max_queue={cfg.max_queue}, {auth})",
           flush=True)
-    srv.serve_forever()  # until SIGINT/SIGTERM; then running requests are answered 503
-    print("shut down", flush=True)
+    # Until SIGINT/SIGTERM: uvicorn stops accepting, gives running requests up to 5 s, then
+    # re-raises the signal (the exit status says which).
+    srv.serve_forever()
     return 0
 
 

@@ -121,6 +121,11 @@ class SageExtension(BaseModel):
     return_latents: StrictBool = True
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
 class ChatBody(BaseModel):
     """A chat.completions body; unknown fields are ignored (as OpenAI-compatible servers do)."""
 
@@ -135,6 +140,7 @@ class ChatBody(BaseModel):
     stop: str | list[str] | None = None
     seed: Int | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT)
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     sage: SageExtension | None = None
     # vLLM's extensions: sampling (what an endpoint policy sends for the paper's search settings)
     top_k: Int = Field(0, ge=-1, le=INT_LIMIT)
@@ -183,6 +189,7 @@ class ChatRequest:
     sage: bool = False  # the `sage` extension was given: strip latents, return them
     stream: bool = False
     prefill: str | None = None  # continue_final_message: the partial assistant message to continue
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     emit: Callable[[Any], None] | None = None
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     base_seed: int = dataclasses.field(default_factory=lambda: random.getrandbits(31))
@@ -244,4 +251,5 @@ def parse_chat_request(body: Any, *, default_max_tokens: int, max_tokens_limit: 
                         repetition_penalty=b.repetition_penalty, max_new_tokens=max_tokens,
                         min_new_tokens=min(b.min_tokens, max_tokens), stop_strings=_stops(b.stop))
     messages, prefill = _continuation(b, _messages(b))
-    return ChatRequest(messages, b.n, sp, b.seed, pins, b.sage is not None, b.stream, prefill)
+    usage = b.stream_options is not None and b.stream_options.include_usage
+    return ChatRequest(messages, b.n, sp, b.seed, pins, b.sage is not None, b.stream, prefill, usage)

@@ -97,14 +97,18 @@ class _HeadDeadlineH11(H11Protocol):
         self._arm_head_deadline()
 
     def on_response_complete(self) -> None:
+        self._disarm_head_deadline()  # the next request head gets the full time
         super().on_response_complete()
         self._arm_head_deadline()
 
     def connection_lost(self, exc) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _disarm_head_deadline(self) -> None:
         if getattr(self, "_head_deadline", None) is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
-        super().connection_lost(exc)
 
     def _arm_head_deadline(self) -> None:
         if self._head_deadline is None and not self.transport.is_closing():
@@ -180,6 +184,12 @@ def _choice_message(req: ChatRequest, s: Steered) -> dict:
         msg["sage_latents"] = _latents_json(s)
         msg["sage_raw"] = s.content
     return msg
+
+
+def _usage(admitted: Admitted, results) -> dict:
+    completion = sum(len(s.tokens) for s in results)
+    return {"prompt_tokens": admitted.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": admitted.prompt_tokens + completion}
 
 
 def _finish(s: Steered) -> str:
@@ -447,17 +457,15 @@ class SageServer:
                 results[ev.index] = ev.result
         choices = [{"index": i, "message": _choice_message(req, results[i]), "finish_reason": _finish(results[i]),
                     "logprobs": None} for i in range(req.n)]
-        completion = sum(len(s.tokens) for s in results.values())
         return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                              "created": int(time.time()), "model": self.model_name, "choices": choices,
-                             "usage": {"prompt_tokens": admitted.prompt_tokens, "completion_tokens": completion,
-                                       "total_tokens": admitted.prompt_tokens + completion}})
+                             "usage": _usage(admitted, results.values())})
 
-    async def _stream(self, ex: _Exchange, admitted: Admitted) -> AsyncIterator[bytes]:  # noqa: ARG002
+    async def _stream(self, ex: _Exchange, admitted: Admitted) -> AsyncIterator[bytes]:
         """SSE: a role chunk per choice, then content chunks as the engine decodes, a finish chunk
         per choice, `data: [DONE]`. The client leaving cancels this generator and the request."""
         req, cid, created, model = ex.req, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.model_name
-        sent, left = [""] * req.n, req.n
+        sent, left, results = [""] * req.n, req.n, []
         try:
             for i in range(req.n):
                 yield _chunk(cid, created, model, i, {"role": "assistant", "content": ""})
@@ -475,10 +483,15 @@ class SageServer:
                     yield _chunk(cid, created, model, ev.index, {"content": ev.text})
                 elif isinstance(ev, Finished):
                     left -= 1
+                    results.append(ev.result)
                     rest = _final_chunk(cid, created, model, req, ev, sent[ev.index])
                     if rest:
                         yield rest
                     yield _chunk(cid, created, model, ev.index, {}, _finish(ev.result))
+            if req.include_usage:  # OpenAI's stream_options: a last chunk without choices
+                yield b"data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                              "model": model, "choices": [],
+                                              "usage": _usage(admitted, results)}).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
             req.cancel()  # no-op once finished; frees the rows when the client left or it timed out

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "sage_jax"
 
 # Low to high. Units in one layer do not import each other (model/data, train/rollout, eval/serve...).
 LAYERS: list[tuple[str, ...]] = [
-    ("progress", "sage_jax"),  # the standalone progress helper and the package root: import nothing of ours
+    ("progress", "net", "sage_jax"),  # standalone helpers (progress bar, loopback check) and the package root: import nothing of ours
     ("sac", "config"),
     ("parallel",),
     ("model", "data"),

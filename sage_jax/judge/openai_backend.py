@@ -25,7 +25,6 @@ a string naming the served weights (a revision, a checkpoint hash), or ``"auto"`
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from urllib.parse import urlsplit
 import openai
 
 from sage_jax.judge.base import CachingJudge, Completion, RetryPolicy, redact
+from sage_jax.net import is_loopback
 
 __all__ = ["OpenAIJudge", "DEFAULT_BASE_URL", "check_transport", "is_loopback", "INSECURE_ENV"]
 
@@ -44,18 +44,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _RETRY_COUNT_HEADER = "x-stainless-retry-count"  # set by the client on every attempt (0, 1, ...)
 INSECURE_ENV = "SAGE_JUDGE_ALLOW_INSECURE"
 _IDENTITY_FIELDS = ("id", "root", "parent", "owned_by")  # not "created": vLLM sets it to the request time
-
-
-def is_loopback(host: str | None) -> bool:
-    """``localhost``, or an IP address on the loopback network (127.0.0.0/8, ::1)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_transport(base_url: str, *, sends_key: bool, allow_insecure: bool = False) -> None:

@@ -18,7 +18,6 @@ set, as vLLM expects); it is only sent over https or to a loopback host.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, Sequence
@@ -26,6 +25,7 @@ from urllib.parse import urlparse
 
 import openai
 
+from sage_jax.net import is_loopback
 from sage_jax.rollout.dialogue_cache import (BranchConfig, _cut_block, action_block, distinct_actions,
                                              pinned_children)
 from sage_jax.rollout.sampling import SamplingParams
@@ -36,15 +36,6 @@ SPEC_PREFIX = "openai:"
 
 def is_endpoint_spec(spec: str | None) -> bool:
     return isinstance(spec, str) and spec.startswith(SPEC_PREFIX)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +60,7 @@ class EndpointPolicy:
         url = urlparse(self.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"policy endpoint {self.base_url!r}: expected an http(s)://HOST[:PORT]/v1 URL")
-        if key and url.scheme != "https" and not _loopback(url.hostname):
+        if key and url.scheme != "https" and not is_loopback(url.hostname):
             raise ValueError(f"policy endpoint {self.base_url!r}: refusing to send an API key over plain http "
                              "to a non-loopback host (use https)")
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=self.timeout,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sage_jax.net import is_loopback
 from sage_jax.rollout.steer import Steered
 from sage_jax.serve.engine import Admitted, Delta, EngineConfig, Failed, Finished, SlotEngine
 from sage_jax.serve.protocol import MAX_N, ApiError, ChatRequest, Overloaded, parse_body, parse_chat_request
@@ -125,17 +125,8 @@ def _protocol(limits: ServerLimits) -> type[H11Protocol]:
     return type("SageH11Protocol", (_HeadDeadlineH11,), {"head_timeout_s": float(limits.header_timeout_s)})
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _warn_if_public(host: str, api_key: str | None) -> None:
-    if _is_loopback(host):
+    if is_loopback(host):
         return
     guard = ("requests need the API key" if api_key else
              f"anyone who can reach it can use the model: set --api-key or {API_KEY_ENV}")

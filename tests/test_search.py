@@ -217,3 +217,10 @@ def test_reconcile_drops_records_written_ahead_of_their_tree(tmp_path):
     assert _ids(tmp_path / "pairs.jsonl") == ["seed-a:t0:r1"]
     assert _ids(tmp_path / "pairs.p1.jsonl") == ["seed-c:t0:r0"]
     assert shards.reconcile(tmp_path) == {}  # nothing left to drop
+
+
+def test_search_without_valid_seeds_exits_nonzero(tmp_path):
+    from sage_jax import cli
+
+    (tmp_path / "seeds.txt").write_text("\n\n")
+    assert cli.main(["search", f"seeds={tmp_path / 'seeds.txt'}", f"output_dir={tmp_path / 'o'}"]) == 1

@@ -506,6 +506,8 @@ def run_search(cfg: SearchConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     items, repeated = seed_items(read_seeds(_seed_path(cfg.seeds), limit=cfg.num_seeds))
+    if not items:  # nothing valid to search: an error (exit 1), not an empty success
+        raise ValueError(f"search: no seeds in {_seed_path(cfg.seeds)}")
     if jax.process_index() == 0:
         dropped = shards.reconcile(out)  # lines a killed run wrote ahead of their seed's tree
         if dropped:

@@ -120,7 +120,9 @@ def test_dpo_keeps_best_checkpoint_and_loader_restores_it(tiny_dir, tmp_path, ca
     shutil.copytree(out, killed)
     shutil.rmtree(killed / "checkpoints" / "8")
     resumed = run_dpo(dataclasses.replace(cfg, output_dir=str(killed)))
-    assert resumed["steps"] == 8 and [e["step"] for e in resumed["evals"]] == [s for s in (4, 6, 8) if s > best_step]
+    # the evaluations up to the restored step are kept (eval.jsonl cut back to it), the later ones redone
+    assert resumed["steps"] == 8 and [e["step"] for e in resumed["evals"]] == [0, 2, 4, 6, 8]
+    assert {e["step"]: e["loss"] for e in resumed["evals"]}[best_step] == pytest.approx(losses[best_step])
     assert json.loads((killed / "best.json").read_text())["step"] == best_step
     assert _same(loader.load_run(killed, "latest")[1], latest_params)
 

@@ -7,7 +7,8 @@
 cost: seconds per assistant turn at K = 1, 4, 8 children (one batch of dialogues, each on its own
   KV cache, the K children forked from it and decoded together, the rules judge picking), medians
   of --repeats after a warm-up (compilation), and the ratio to K=1 (the K=8/K=1 ratio is the
-  price of branching). --branching picks the mode (default latent).
+  price of branching). --branching picks the mode (default latent); --copy-children forks each
+  child onto a copy of its dialogue's cache (shared_prefix=false, the earlier fork) to compare.
 turns: one --turns search of a batch (K children, the rules judge, the simulated user; after an
   untimed warm-up search of the same shapes that compiles every program), per assistant turn:
   tokens prefilled through the caches vs the tokens a full re-prefill of the history would take,
@@ -51,7 +52,7 @@ def cost(args) -> None:
     with CompileCounter() as cc:
         for k in (int(x) for x in args.ks.split(",")):
             cfg = SearchConfig(k=k, max_new_tokens=args.max_new_tokens, branching=args.branching,
-                               batch_seeds=args.seeds)
+                               batch_seeds=args.seeds, shared_prefix=not args.copy_children)
             apool, _, _ = make_pools(policy, policy, cfg)
 
             def turn(rep: int) -> float:
@@ -81,6 +82,7 @@ def turns(args) -> None:
     policy = load_policy(args.model)
     judge = make_judge("rules:")
     cfg = SearchConfig(k=args.k, turns=args.turns, max_new_tokens=args.max_new_tokens,
+                       shared_prefix=not args.copy_children,
                        user_max_new_tokens=args.user_max_new_tokens, branching=args.branching,
                        batch_seeds=args.seeds)
     seeds = [(f"s{i}", s) for i, s in enumerate(_seeds(args.seeds))]
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--branching", default="latent", choices=("latent", "sample", "enumerate"))
+    ap.add_argument("--copy-children", action="store_true",
+                    help="cost/turns: each child decodes on a copy of its dialogue's cache (shared_prefix=false)")
     args = ap.parse_args()
     if args.mode == "distinct" and args.turns == 8:
         args.turns = 2

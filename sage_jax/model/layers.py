@@ -86,6 +86,46 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, n, h)
 
 
+def prefix_mask(q_slots: jax.Array, q_seg: jax.Array, base: jax.Array, sp: int, window: jax.Array) -> jax.Array:
+    """[B, T, Sp] bool: which slots of a shared prefix each query attends to (see `prefix_attention`).
+
+    Row b shares the first base[b] prefix slots (slot p holds position p) and its own slot s holds
+    position base[b] + s, so the window is measured in positions. The prefix is one segment (id 1,
+    what a cache's real tokens carry): a padding query (segment 0) attends to none of it, as on a
+    cache holding a copy of the prefix.
+    """
+    p = jnp.arange(sp, dtype=jnp.int32)[None, None, :]
+    q_pos = (base[:, None] + q_slots)[:, :, None]
+    mask = (p < base[:, None, None]) & (q_seg[:, :, None] == 1)
+    return mask & ((window <= 0) | (q_pos - p < window))
+
+
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, pk: jax.Array, pv: jax.Array,
+                     pmask: jax.Array) -> jax.Array:
+    """Grouped-query attention over a shared prefix and each row's own keys (cascade attention).
+
+    q [B,T,N,H]; own k/v [B,S,K,H] with mask [B,T,S]; prefix pk/pv [P,Sp,K,H] with pmask [B,T,Sp],
+    shared by G = B // P consecutive rows (row b's prefix row is b // G). The prefix scores come
+    from one grouped einsum per prefix row, so the prefix is read once for its G rows and never
+    copied per row; one softmax over both key sets, then the two value sums are added (in f32).
+    """
+    b, t, n, h = q.shape
+    p, sp, kv, _ = pk.shape
+    g, m = b // p, n // kv
+    q = q.reshape(b, t, kv, m, h)
+    own = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    shared = jnp.einsum("pctkgh,pskh->pckgts", q.reshape(p, g, t, kv, m, h), pk,
+                        preferred_element_type=jnp.float32).reshape(b, kv, m, t, sp)
+    scores = jnp.concatenate([shared, own], axis=-1) * (h**-0.5)
+    full_mask = jnp.concatenate([pmask, mask], axis=-1)
+    scores = jnp.where(full_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out_shared = jnp.einsum("pckgts,pskh->pctkgh", probs[..., :sp].reshape(p, g, kv, m, t, sp), pv,
+                            preferred_element_type=jnp.float32).reshape(b, t, kv, m, h)
+    out_own = jnp.einsum("bkgts,bskh->btkgh", probs[..., sp:], v, preferred_element_type=jnp.float32)
+    return (out_shared + out_own).astype(v.dtype).reshape(b, t, n, h)
+
+
 def moe(cfg: ModelConfig, x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """Mixtral top-k MoE [B, T, D] -> [B, T, D], computed by `cfg.moe_dispatch` (see model.moe:
     dense combine, grouped matmul, or padded expert blocks; all exact)."""

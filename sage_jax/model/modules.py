@@ -92,9 +92,11 @@ class DecoderLayer(nnx.Module):
         r = None if rng is None else jax.random.fold_in(rng, TARGETS.index(name))
         return lora_apply(x, getattr(self, name)[...], name, adapter, self.lora_cfg, r)
 
-    def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, rng=None):
+    def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, rng=None,
+                 prefix: tuple[jax.Array, jax.Array, Callable] | None = None):
         """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own, or the KV
-        cache after writing the chunk into it) and the updated cache."""
+        cache after writing the chunk into it) and the updated cache. `prefix`: this layer's shared
+        prefix keys/values [P, Sp, K, H] and its mask function (`Decoder.hidden_states`)."""
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         q, k, v = self.proj("q_proj", h, rng), self.proj("k_proj", h, rng), self.proj("v_proj", h, rng)
@@ -109,7 +111,12 @@ class DecoderLayer(nnx.Module):
             k = L.rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
         k_all, v_all, new_kv = keys_values(k, v)
-        out = self.proj("o_proj", L.attention(q, k_all, v_all, mask(window)), rng)
+        if prefix is None:
+            attn = L.attention(q, k_all, v_all, mask(window))
+        else:
+            pk, pv, pmask = prefix
+            attn = L.prefix_attention(q, k_all, v_all, mask(window), pk, pv, pmask(window))
+        out = self.proj("o_proj", attn, rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         x = x + out
@@ -178,14 +185,22 @@ class Decoder(nnx.Module):
                                      out_sharding=("embed", "vocab"))
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-                      dropout_rng=None) -> tuple[jax.Array, Cache | None]:
-        """The final-normed hidden states [B, T, D] and the updated cache (None without one)."""
+                      dropout_rng=None, prefix: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+        """The final-normed hidden states [B, T, D] and the updated cache (None without one).
+
+        prefix (only with a cache): a read-only shared prefix, k/v [L, P, Sp, K, H] (parent rows'
+        cache arrays) and base [B] int32: row b (rows grouped parent-major, b's prefix row is
+        b // (B // P)) attends to the first base[b] prefix slots and to its own cache, whose slot s
+        holds position base[b] + s (the default RoPE positions). The prefix is not updated."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
+        if prefix is not None and cache is None:
+            raise ValueError("forward: a shared prefix needs a cache (the rows' own slots after it)")
+        base = None if prefix is None else prefix["base"].astype(jnp.int32)
         if cache is None:
             q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             k_slots, k_seg, start = q_slots, segment_ids, None
@@ -200,11 +215,14 @@ class Decoder(nnx.Module):
             k_seg = _write(cache["segment_ids"], segment_ids, start)
             k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             if positions is None:
-                positions = q_slots
+                positions = q_slots if base is None else base[:, None] + q_slots
         cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rope, cfg.head_dim))
 
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
+
+        def prefix_mask(window):
+            return L.prefix_mask(q_slots, segment_ids, base, prefix["k"].shape[2], window)
 
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
@@ -223,7 +241,8 @@ class Decoder(nnx.Module):
                 ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
                 return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
 
-            return layer(x, window, cos, sin, mask, keys_values, rng), None
+            shared = None if prefix is None else (prefix["k"][i].astype(dt), prefix["v"][i].astype(dt), prefix_mask)
+            return layer(x, window, cos, sin, mask, keys_values, rng, shared), None
 
         if cfg.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
@@ -250,6 +269,6 @@ class Decoder(nnx.Module):
         return constrain(out, ("batch", "length", "vocab")[:-1][: out.ndim - 1] + ("vocab",))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-                 dropout_rng=None) -> tuple[jax.Array, Cache | None]:
-        x, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout_rng)
+                 dropout_rng=None, prefix: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+        x, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix)
         return self.logits(x), cache

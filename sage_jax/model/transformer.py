@@ -84,13 +84,15 @@ def hidden_states(
     lora: LoraConfig | None = None,
     adapters: Params | None = None,
     dropout_rng: jax.Array | None = None,
+    prefix: Cache | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """The final-normed hidden states [B, T, D] (what the LM head and the losses consume).
 
     `adapters` (from sage_jax.model.init_lora) with their `lora` config add LoRA paths;
-    `dropout_rng` enables LoRA dropout (training only)."""
+    `dropout_rng` enables LoRA dropout (training only); `prefix`: a shared read-only prefix the
+    cache's rows continue (see `Decoder.hidden_states`)."""
     module = decoder(cfg, params, lora=lora, adapters=adapters)
-    return module.hidden_states(tokens, positions, segment_ids, cache, dropout_rng)
+    return module.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix)
 
 
 def lm_head(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
@@ -109,11 +111,14 @@ def forward(
     lora: LoraConfig | None = None,
     adapters: Params | None = None,
     dropout_rng: jax.Array | None = None,
+    prefix: Cache | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """Logits [B, T, vocab] and the updated cache (None when called without one).
 
     tokens int32 [B, T]; positions [B, T] (default: per-segment, or continuing the cache);
     segment_ids [B, T] (default all 1; 0 marks padding, which with a cache must be at the right).
+    prefix: k/v [L, P, Sp, K, H] and base [B]: the cache's rows (P groups of B // P) continue the
+    first base[b] slots of prefix row b // (B // P), read in place, not copied per row.
     """
     module = decoder(cfg, params, lora=lora, adapters=adapters)
-    return module(tokens, positions, segment_ids, cache, dropout_rng)
+    return module(tokens, positions, segment_ids, cache, dropout_rng, prefix)

@@ -18,9 +18,13 @@ each row's last, which the next `sync` appends along with the end-of-turn and te
 
 `DialoguePool` owns one `RowCache` for one policy, maps dialogue keys to rows, and is reused
 across batches (rows are acquired and released, the device buffers stay; `allocations` counts
-the buffers ever made). Branching: `fork(k)` copies every row to k child rows (one copy of the
-prefix per child: what dense attention needs), the children are synced/decoded together, and
-`commit(chosen)` makes the chosen child's cache the dialogue's next cache.
+the buffers ever made). Branching: `fork(k)` gives every row k child rows, the children are
+synced/decoded together, and `commit(chosen)` makes the chosen child's cache the dialogue's next
+cache. The children share their parent's history (cascade attention, as in Hydragen): each reads
+its parent row's cache in place as a shared prefix (one read per parent for its k children, a
+grouped einsum) plus a small cache of its own holding what it adds after the fork; `commit`
+writes the chosen child's own slots after its parent's prefix. `shared_prefix=False` copies the
+parent row to every child instead (the earlier fork, whose attention reads k copies of it).
 
 Meshes: with the policy's parameters on a mesh (`load_policy(..., mesh=...)`), every device call
 runs with that mesh in context, the pool's row count is padded to a multiple of the mesh's row
@@ -65,6 +69,7 @@ from sage_jax.sac import DEFAULT_SCHEMA, Latent, Schema, parse_assistant_lenient
 
 CHUNK_WIDTHS = (32, 128)  # prefill chunk widths (a longer chunk is prefilled in several calls)
 MIN_CACHE = 256
+CHILD_CACHE = 64  # own cache length a prefix-shared child starts at (grows as it needs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +109,24 @@ def shrink(cache, *, new_len: int):
                                     "end": jnp.minimum(cache["end"], new_len)}, M.CACHE_AXES)
 
 
+def _prefix_on_mesh(prefix):
+    """A shared prefix laid out like the cache it is (rows over the batch axes), base by rows."""
+    if prefix is None:
+        return None
+    return {"k": parallel.constrain(prefix["k"], M.CACHE_AXES["k"]),
+            "v": parallel.constrain(prefix["v"], M.CACHE_AXES["v"]),
+            "base": parallel.constrain(prefix["base"], ("batch",))}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "logits"))
-def extend(cfg: ModelConfig, params, cache, logits, tokens, lengths, start):
+def extend(cfg: ModelConfig, params, cache, logits, tokens, lengths, start, prefix=None):
     """Rewind each row's fill level to start[b] (<= end[b]) and prefill the chunk [B, T] there
-    (lengths [B] >= 0; rows with length 0 keep their logits)."""
+    (lengths [B] >= 0; rows with length 0 keep their logits). prefix: the shared prefix the rows
+    continue (`model.forward`'s; start counts own slots)."""
     tokens, lengths, start = (parallel.constrain(a, ("batch",)) for a in (tokens, lengths, start))
     cache, logits = _on_mesh(dict(cache, end=start.astype(jnp.int32)), logits)
     seg = S._chunk_segments(tokens, lengths)
-    x, cache = M.hidden_states(cfg, params, tokens, segment_ids=seg, cache=cache)
+    x, cache = M.hidden_states(cfg, params, tokens, segment_ids=seg, cache=cache, prefix=_prefix_on_mesh(prefix))
     logits = jnp.where((lengths > 0)[:, None], S._last_logits(cfg, params, x, lengths), logits)
     return _on_mesh(cache, logits)
 
@@ -121,6 +136,37 @@ def take_rows(cache, logits, idx):
     """Rows idx of a cache (k/v on axis 1, the rest on axis 0) and of its logits: fork or select."""
     return _on_mesh({"k": cache["k"][:, idx], "v": cache["v"][:, idx], "segment_ids": cache["segment_ids"][idx],
                      "end": cache["end"][idx]}, logits[idx])
+
+
+@jax.jit
+def take_prefix(k, v, parents):
+    """Prefix rows `parents` (k/v [L, P, Sp, K, H]): a prefix of one row per child (G = 1)."""
+    return (parallel.constrain(k[:, parents], M.CACHE_AXES["k"]),
+            parallel.constrain(v[:, parents], M.CACHE_AXES["v"]))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "capacity"))
+def spawn(cfg: ModelConfig, logits, *, k: int, capacity: int):
+    """k prefix-shared children per row: an empty own cache each and their parent's logits."""
+    return _on_mesh(M.init_cache(cfg, logits.shape[0] * k, capacity), jnp.repeat(logits, k, axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("new_len",))
+def merge_rows(prefix_k, prefix_v, cache, logits, idx, parents, base, *, new_len: int):
+    """Whole-cache rows (new_len slots) from prefix-shared children: row i holds prefix row
+    parents[i]'s first base[i] slots, then child idx[i]'s own slots from slot base[i] on."""
+    own_end = cache["end"][idx]
+    pad = ((0, 0), (0, 0), (0, new_len - prefix_k.shape[2]), (0, 0), (0, 0))
+    rows = jnp.arange(idx.shape[0], dtype=jnp.int32)[:, None]
+    slots = base[:, None] + jnp.arange(cache["k"].shape[2], dtype=jnp.int32)[None, :]
+
+    def merged(pre, own):  # slots past a row's end hold whatever: never attended
+        return jnp.pad(pre[:, parents], pad).at[:, rows, slots].set(own[:, idx].astype(pre.dtype), mode="drop")
+
+    end = base + own_end
+    seg = (jnp.arange(new_len, dtype=jnp.int32)[None, :] < end[:, None]).astype(jnp.int32)
+    return _on_mesh({"k": merged(prefix_k, cache["k"]), "v": merged(prefix_v, cache["v"]), "segment_ids": seg,
+                     "end": end}, logits[idx])
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "logits"))
@@ -135,11 +181,12 @@ def put_rows(cache, logits, sub_cache, sub_logits, idx):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "proc", "new_len"), donate_argnames=("cache",))
-def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, history, rows, seed, *, new_len: int):
+def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, history, rows, seed, prefix=None, *,
+                new_len: int):
     """The sampler's decode loop on an existing cache. history [B, H] (-1 = none): the ids each
     row holds, for the repetition penalty's presence mask; rows: per-row settings (numpy, see
-    `_row_arrays`), row r's key is fold_in(key(seed), rows["seeds"][r]) as in `rollout.generate`.
-    Returns (cache, tokens, length, reason)."""
+    `_row_arrays`), row r's key is fold_in(key(seed), rows["seeds"][r]) as in `rollout.generate`;
+    prefix: the shared prefix the rows continue (not donated). Returns (cache, tokens, length, reason)."""
     b = logits.shape[0]
     cache, logits = _on_mesh(cache, logits)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), rows["seeds"])
@@ -153,8 +200,8 @@ def decode_rows(cfg: ModelConfig, proc: Processing, params, cache, logits, histo
         done=rows["max_new"] <= 0, reason=jnp.where(rows["max_new"] <= 0, S.LENGTH, S.RUNNING).astype(jnp.int32),
         presence=pres, stop_ids=rows["stop_ids"], keys=keys, max_new=rows["max_new"],
         min_new=rows["min_new"], temperature=rows["temperature"], top_p=rows["top_p"], penalty=rows["penalty"],
-        step=jnp.zeros((), jnp.int32))
-    state = S.decode(cfg, proc, params, S._rows_on_mesh(state))
+        room=rows["room"], step=jnp.zeros((), jnp.int32))
+    state = S.decode(cfg, proc, params, S._rows_on_mesh(state), _prefix_on_mesh(prefix))
     cache = parallel.constrain_tree(state.cache, M.CACHE_AXES)
     return cache, state.tokens, state.length, state.reason
 
@@ -179,6 +226,8 @@ class CacheStats:
     forks: int = 0
     cache_full: int = 0  # dialogues whose encoding did not fit max_cache_len
     grows: int = 0  # cache-length bucket increases
+    child_grows: int = 0  # prefix-shared children's own caches grown (within a turn)
+    unshared_tokens: int = 0  # shared-prefix tokens a child's target diverged from (prefilled on its own cache)
     shrinks: int = 0  # pools cut back to their initial length between batches
 
     def as_dict(self) -> dict:
@@ -193,12 +242,14 @@ class CacheStats:
 
 
 def _row_arrays(cfg: ModelConfig, per_row: Sequence[SamplingParams], max_new: Sequence[int],
-                row_seeds: Sequence[int]) -> dict[str, np.ndarray]:
+                row_seeds: Sequence[int], room: Sequence[int]) -> dict[str, np.ndarray]:
     """Per-row settings as numpy arrays (what `sampler._row_settings` makes, keys derived on
-    device): host arrays go into the jitted call as arguments, no eager transfer programs."""
+    device): host arrays go into the jitted call as arguments, no eager transfer programs.
+    room: the cache slots each row may fill (`SamplerState.room`)."""
     n = len(per_row)
     stop = np.full((n, S.MAX_STOP_IDS), -1, np.int32)
     out = {"max_new": np.asarray(max_new, np.int32), "min_new": np.zeros((n,), np.int32),
+           "room": np.asarray(room, np.int32),
            "temperature": np.ones((n,), np.float32), "top_p": np.ones((n,), np.float32),
            "penalty": np.ones((n,), np.float32), "seeds": np.asarray([s % (1 << 32) for s in row_seeds], np.uint32)}
     for i, sp in enumerate(per_row):
@@ -231,15 +282,36 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+@dataclasses.dataclass
+class SharedPrefix:
+    """The parent rows' cache arrays a prefix-shared RowCache's rows attend to, read-only: k/v
+    [L, P, Sp, K, H]; row r's parent is row r // group (rows parent-major, R = P * group)."""
+
+    k: jax.Array
+    v: jax.Array
+    group: int
+
+    def arg(self, base: Sequence[int]) -> dict:
+        """The model's `prefix` argument for rows sharing the first base[r] slots."""
+        return {"k": self.k, "v": self.v, "base": np.asarray(base, np.int32)}
+
+
 class RowCache:
     """R rows of a KV cache (device) and the token ids each row holds (host).
 
     With `params` on a mesh, the device work runs with that mesh in context and the cache is laid
     out by its logical axes (rows over the batch axes: R should be a multiple of their size, as
-    `DialoguePool` makes it; kv heads over `tensor`)."""
+    `DialoguePool` makes it; kv heads over `tensor`).
+
+    Prefix-shared rows (`prefix`, from `children`): row r attends to the first base[r] slots of
+    its parent's row in the shared prefix (read in place) and holds only the rest of its tokens
+    in its own cache: `ids[r]` is still everything the row represents, own slot s holds
+    ids[r][base[r] + s], and `capacity` counts own slots. A target that diverges inside the prefix
+    lowers base[r] to where it diverges and is prefilled from there on the row's own cache."""
 
     def __init__(self, cfg: ModelConfig, params, rows: int, *, limit: int, capacity: int,
-                 stats: CacheStats | None = None, _arrays=None):
+                 stats: CacheStats | None = None, _arrays=None, prefix: SharedPrefix | None = None,
+                 base: Sequence[int] | None = None):
         self.cfg, self.params, self.rows, self.limit = cfg, params, rows, int(limit)
         self.stats = stats if stats is not None else CacheStats()
         if _arrays is None:
@@ -250,10 +322,19 @@ class RowCache:
             self.cache, self.logits = _arrays
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.fresh = [False] * rows  # logits are those after the row's last id
+        self.prefix = prefix
+        self.base = list(base) if base is not None else [0] * rows  # ids each row reads from the prefix
 
     @property
     def capacity(self) -> int:
         return int(self.cache["segment_ids"].shape[1])
+
+    def _prefix(self) -> dict | None:
+        return None if self.prefix is None else self.prefix.arg(self.base)
+
+    def _own(self, r: int) -> int:
+        """Tokens row r holds in its own cache (its fill level on device)."""
+        return len(self.ids[r]) - self.base[r]
 
     @_with_mesh
     def reserve(self, need: int) -> None:
@@ -261,18 +342,62 @@ class RowCache:
         if need <= self.capacity or self.capacity >= self.limit:
             return
         self.cache = grow(self.cache, new_len=min(S.bucket(need), self.limit))
-        self.stats.grows += 1
+        if self.prefix is None:
+            self.stats.grows += 1
+        else:
+            self.stats.child_grows += 1
 
     def reset(self, rows: Sequence[int]) -> None:
         for r in rows:
-            self.ids[r], self.fresh[r] = [], False
+            self.ids[r], self.fresh[r], self.base[r] = [], False, 0
 
     @_with_mesh
     def take(self, idx: Sequence[int]) -> "RowCache":
-        """A new RowCache whose row i is a copy of row idx[i] (fork when idx repeats rows)."""
+        """A new RowCache whose row i is a copy of row idx[i] (fork when idx repeats rows). Of
+        prefix-shared rows: their own slots copied, and a prefix of their parents' rows (G = 1)."""
         cache, logits = take_rows(self.cache, self.logits, np.asarray(idx, np.int32))
+        prefix = None
+        if self.prefix is not None:
+            parents = np.asarray([i // self.prefix.group for i in idx], np.int32)
+            prefix = SharedPrefix(*take_prefix(self.prefix.k, self.prefix.v, parents), group=1)
         out = RowCache(self.cfg, self.params, len(idx), limit=self.limit, capacity=self.capacity,
-                       stats=self.stats, _arrays=(cache, logits))
+                       stats=self.stats, _arrays=(cache, logits), prefix=prefix, base=[self.base[i] for i in idx])
+        out.ids = [list(self.ids[i]) for i in idx]
+        out.fresh = [self.fresh[i] for i in idx]
+        return out
+
+    @_with_mesh
+    def children(self, k: int, capacity: int) -> "RowCache":
+        """k prefix-shared children per row (row r's are rows r*k .. r*k+k-1): each attends to this
+        cache, read in place, and holds what it adds in its own cache of `capacity` slots (grown as
+        it needs). This cache's arrays must stay as they are while the children live."""
+        if self.prefix is not None:
+            raise ValueError("RowCache.children: the rows already continue a shared prefix")
+        capacity = min(S.bucket(capacity), self.limit)
+        own, logits = spawn(self.cfg, self.logits, k=k, capacity=capacity)
+        out = RowCache(self.cfg, self.params, self.rows * k, limit=self.limit, capacity=capacity, stats=self.stats,
+                       _arrays=(own, logits), prefix=SharedPrefix(self.cache["k"], self.cache["v"], group=k),
+                       base=[len(self.ids[r]) for r in range(self.rows) for _ in range(k)])
+        out.ids = [list(self.ids[r]) for r in range(self.rows) for _ in range(k)]
+        out.fresh = [self.fresh[r] for r in range(self.rows) for _ in range(k)]
+        return out
+
+    @_with_mesh
+    def merge(self, idx: Sequence[int]) -> "RowCache":
+        """A whole (not prefix-shared) RowCache whose row i holds prefix-shared row idx[i]: its
+        parent's prefix slots, then its own (the chosen child becomes its dialogue's cache)."""
+        if self.prefix is None:
+            return self.take(idx)
+        sp = int(self.prefix.k.shape[2])
+        need = max(len(self.ids[i]) for i in idx)
+        new_len = max(sp, min(S.bucket(need), self.limit))
+        if new_len > sp:
+            self.stats.grows += 1
+        parents = np.asarray([i // self.prefix.group for i in idx], np.int32)
+        cache, logits = merge_rows(self.prefix.k, self.prefix.v, self.cache, self.logits, np.asarray(idx, np.int32),
+                                   parents, np.asarray([self.base[i] for i in idx], np.int32), new_len=new_len)
+        out = RowCache(self.cfg, self.params, len(idx), limit=self.limit, capacity=new_len, stats=self.stats,
+                       _arrays=(cache, logits))
         out.ids = [list(self.ids[i]) for i in idx]
         out.fresh = [self.fresh[i] for i in idx]
         return out
@@ -292,7 +417,6 @@ class RowCache:
         for r, t in plan.items():
             if len(t) == 0:
                 raise ValueError("sync: an empty target (a row needs at least one token)")
-        self.reserve(max(len(t) for t in plan.values()))
         starts, rests = {}, {}
         for r, t in plan.items():
             held = self.ids[r]
@@ -308,10 +432,14 @@ class RowCache:
                 else:
                     self.stats.rewinds += 1
                     self.stats.rewound_tokens += dropped
-            starts[r], rests[r] = n, t[n:]
+            if n < self.base[r]:  # diverges inside the shared prefix: from there on, its own
+                self.stats.unshared_tokens += self.base[r] - n
+                self.base[r] = n
+            starts[r], rests[r] = n - self.base[r], t[n:]
             self.stats.reused_tokens += n
         if not rests:
             return full
+        self.reserve(max(len(t) - self.base[r] for r, t in plan.items()))
         longest = max(len(x) for x in rests.values())
         width = min(next((w for w in CHUNK_WIDTHS if w >= longest), CHUNK_WIDTHS[-1]), self.capacity)
         t0 = time.perf_counter()
@@ -319,13 +447,14 @@ class RowCache:
         while done < longest:
             toks = np.zeros((self.rows, width), np.int32)
             lens = np.zeros((self.rows,), np.int32)
-            start = np.asarray([len(h) for h in self.ids], np.int32)  # untouched rows: their own end
+            start = np.asarray([self._own(r) for r in range(self.rows)], np.int32)  # untouched rows: their end
             for r, rest in rests.items():
                 piece = rest[done: done + width]
                 toks[r, : len(piece)] = piece
                 lens[r] = len(piece)
                 start[r] = starts[r] + min(done, len(rest))
-            self.cache, self.logits = extend(self.cfg, self.params, self.cache, self.logits, toks, lens, start)
+            self.cache, self.logits = extend(self.cfg, self.params, self.cache, self.logits, toks, lens, start,
+                                             self._prefix())
             self.stats.prefill_calls += 1
             done += width
         self.logits.block_until_ready()
@@ -351,14 +480,16 @@ class RowCache:
         per_row = [settings.get(r, any_sp) for r in range(self.rows)]
         mx = [settings[r].max_new_tokens if r in settings else 0 for r in range(self.rows)]
         proc = Processing.of(list(settings.values()), self.cfg.vocab_size)
-        self.reserve(max(len(self.ids[r]) + mx[r] for r in settings))
+        self.reserve(max(self._own(r) + mx[r] for r in settings))
         n = parallel.pad_rows(S.bucket(len(settings)))
         if 2 * n <= self.rows:
             return self._generate_compact(settings, n, seed=seed, row_seeds=row_seeds)
         seeds = [(row_seeds or {}).get(r, r) for r in range(self.rows)]
-        rows = _row_arrays(self.cfg, per_row, mx, seeds)
+        # a row never holds more than `limit` tokens, its shared prefix included
+        rows = _row_arrays(self.cfg, per_row, mx, seeds, [self.limit - b for b in self.base])
         if proc.repetition_penalty:
-            hist = np.full((self.rows, self.capacity), -1, np.int32)
+            width = self.capacity + (0 if self.prefix is None else int(self.prefix.k.shape[2]))
+            hist = np.full((self.rows, width), -1, np.int32)
             for r in settings:
                 hist[r, : len(self.ids[r])] = self.ids[r]
         else:
@@ -366,7 +497,8 @@ class RowCache:
         new_len = S.bucket(max(mx), 16)
         t0 = time.perf_counter()
         self.cache, toks, length, reason = decode_rows(self.cfg, proc, self.params, self.cache, self.logits,
-                                                       hist, rows, np.uint32(seed % (1 << 32)), new_len=new_len)
+                                                       hist, rows, np.uint32(seed % (1 << 32)), self._prefix(),
+                                                       new_len=new_len)
         toks, length, reason = jax.device_get((toks, length, reason))
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_calls += 1
@@ -378,7 +510,6 @@ class RowCache:
             self.ids[r] = self.ids[r] + got[: max(ln - 1, 0)]
             self.fresh[r] = ln == 0
         return out
-
 
     def _generate_compact(self, settings: dict[int, SamplingParams], n: int, *, seed: int,
                           row_seeds: dict[int, int] | None) -> dict[int, tuple[list[int], str]]:
@@ -401,8 +532,9 @@ class DialoguePool:
     """Cache rows for the live dialogues of one policy, reused across batches."""
 
     def __init__(self, policy: Policy, rows: int, *, max_cache_len: int | None = None, cache_len: int = MIN_CACHE,
-                 stats: CacheStats | None = None):
+                 stats: CacheStats | None = None, shared_prefix: bool = True, child_cache_len: int = CHILD_CACHE):
         self.policy = policy
+        self.shared_prefix, self.child_cache_len = shared_prefix, child_cache_len
         with parallel.mesh_context(policy.params):  # rows: a multiple of the mesh's row split
             self.rows = parallel.pad_rows(S.bucket(rows))
         self.limit = int(max_cache_len or policy.cfg.max_position_embeddings)
@@ -459,10 +591,15 @@ class DialoguePool:
         return {inv[r]: v for r, v in got.items()}
 
     def fork(self, k: int) -> RowCache:
-        """k child rows per row (row r's children are rows r*k .. r*k+k-1). The parent's device
-        arrays are dropped until `commit` rebuilds them from the children (memory: the children
-        only, not both)."""
-        self.children = self.cache.take([r for r in range(self.rows) for _ in range(k)])
+        """k child rows per row (row r's children are rows r*k .. r*k+k-1). Prefix-shared (the
+        default): the children read the parent rows in place as their shared prefix and hold what
+        they add in small caches of their own (`RowCache.children`); else each child is a copy of
+        its parent row. Until `commit` the pool's cache is the children's (the parent arrays live
+        on only as their prefix)."""
+        if self.shared_prefix:
+            self.children = self.cache.children(k, self.child_cache_len)
+        else:
+            self.children = self.cache.take([r for r in range(self.rows) for _ in range(k)])
         self.cache.cache = self.cache.logits = None
         self.k = k
         self.stats.forks += 1
@@ -483,7 +620,7 @@ class DialoguePool:
         for key, c in chosen.items():
             src, j = (key, c) if isinstance(c, int) else c
             idx[self.row_of[key]] = self.row_of[src] * self.k + j
-        self.cache = self.children.take(idx)
+        self.cache = self.children.merge(idx)  # prefix-shared: parent's prefix + the child's own slots
         self.children = None
 
     def assign(self, sources: dict[Hashable, Hashable]) -> None:

@@ -21,9 +21,9 @@ Randomness: row r's key is `fold_in(key(seed), row_seed[r])` (row_seed defaults 
 index in the flattened output), and its n-th token uses `fold_in(row_key, n)`. So a row's
 samples depend on its seed and its own logits only, not on the batch it shares or the bucket.
 
-Cache full: a row that needs another forward step while its cache has no free slot finishes with
-`finish_reason="cache_full"`; nothing is truncated silently. A prompt longer than the cache is an
-error (ValueError).
+Cache full: a row that needs another forward step while its cache has no free slot (or, after a
+shared prefix, has filled its `room`) finishes with `finish_reason="cache_full"`; nothing is
+truncated silently. A prompt longer than the cache is an error (ValueError).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class SamplerState:
     temperature: jax.Array  # [B] f32
     top_p: jax.Array  # [B] f32
     penalty: jax.Array  # [B] f32
+    room: jax.Array  # [B] int32: cache slots the row may fill (fewer than the cache's after a shared prefix)
     step: jax.Array  # [] int32: loop iterations run
 
     @property
@@ -185,6 +186,7 @@ def prefill(
         temperature=rows["temperature"],
         top_p=rows["top_p"],
         penalty=rows["penalty"],
+        room=jnp.full((b,), cache_len, jnp.int32),
         step=jnp.zeros((), jnp.int32),
     ))
 
@@ -208,7 +210,7 @@ def _is_stop(stop_ids: jax.Array, tok: jax.Array) -> jax.Array:
     return jnp.any(stop_ids == tok[:, None], axis=-1)
 
 
-def _decode_step(cfg: ModelConfig, proc: Processing, params, st: SamplerState) -> SamplerState:
+def _decode_step(cfg: ModelConfig, proc: Processing, params, prefix, st: SamplerState) -> SamplerState:
     b, n = st.tokens.shape
     v = st.logits.shape[1]
     rows = jnp.arange(b)
@@ -234,7 +236,7 @@ def _decode_step(cfg: ModelConfig, proc: Processing, params, st: SamplerState) -
     length = st.length + active.astype(jnp.int32)
     hit_stop = active & _is_stop(st.stop_ids, tok)
     hit_len = active & ~hit_stop & (length >= st.max_new)
-    capacity = st.cache["segment_ids"].shape[1]
+    capacity = jnp.minimum(st.cache["segment_ids"].shape[1], st.room)
     full = active & ~hit_stop & ~hit_len & (st.cache["end"] >= capacity)
     reason = jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, jnp.where(full, CACHE_FULL, st.reason)))
     done = st.done | hit_stop | hit_len | full
@@ -244,7 +246,7 @@ def _decode_step(cfg: ModelConfig, proc: Processing, params, st: SamplerState) -
 
     def forward(cache):
         x, cache = M.hidden_states(cfg, params, tok[:, None], segment_ids=(~done).astype(jnp.int32)[:, None],
-                                   cache=cache)
+                                   cache=cache, prefix=prefix)
         return M.lm_head(cfg, params, x[:, 0]).astype(jnp.float32), cache
 
     # Skip the forward once every row is done (the loop is about to end).
@@ -256,13 +258,14 @@ def _decode_step(cfg: ModelConfig, proc: Processing, params, st: SamplerState) -
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "proc"), donate_argnames=("state",))
-def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState) -> SamplerState:
-    """Decode until every row is done (stop token, its max_new_tokens, or a full cache)."""
+def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState, prefix=None) -> SamplerState:
+    """Decode until every row is done (stop token, its max_new_tokens, or a full cache). prefix: a
+    read-only shared prefix the cache's rows continue (`model.forward`'s), not donated."""
     n = state.tokens.shape[1]
     state = dataclasses.replace(state, done=state.done | (state.max_new <= 0))
     return jax.lax.while_loop(
         lambda st: jnp.any(~st.done) & (st.step < n),
-        functools.partial(_decode_step, cfg, proc, params),
+        functools.partial(_decode_step, cfg, proc, params, prefix),
         state,
     )
 

@@ -3,8 +3,8 @@
 At every assistant turn of every live dialogue, K children are generated that differ first in
 their latent state-action, then in words, all on the dialogue's own KV cache
 (`rollout.dialogue_cache`: one cache per dialogue and side, kept across turns; each turn prefills
-only its new tokens; the K children are forked from it and the chosen child's cache becomes the
-dialogue's next cache):
+only its new tokens; the K children are forked from it, reading it in place as their shared
+prefix (`shared_prefix`), and the chosen child's cache becomes the dialogue's next cache):
   - `branching="latent"` (default, latent-first): the user-state block is decoded once (greedy),
     then K action blocks are sampled from it, duplicates resampled (`action_tries` rounds) so
     the children hold K distinct actions where the model can produce them, then each child
@@ -86,6 +86,9 @@ class SearchConfig:
     max_cache_len: int | None = None  # per-dialogue KV cache limit (default: the model's max positions)
     cache_len: int | None = None  # initial per-dialogue cache length (default: what the first turn needs; grows)
     cache: bool = True  # one KV cache per dialogue kept across turns (False: re-prefill every turn)
+    # the K children of a turn read their dialogue's cache in place as a shared prefix (False: each
+    # child decodes on its own copy of it, the earlier fork: same tokens, K times the cache reads)
+    shared_prefix: bool = True
     negatives_per_turn: int = 1  # preference pairs per assistant turn
     humour: bool = False
     # A rejected assistant step ("No good one", or no usable verdict) is sampled again, K new
@@ -153,7 +156,8 @@ def expand(policy: Policy, episodes: Sequence[Episode], cfg: SearchConfig, seed:
         return [got[i] for i in range(len(episodes))]
     if cfg.cache or cfg.branching == "latent":
         if pool is None:
-            pool = DialoguePool(policy, len(episodes), max_cache_len=cfg.max_cache_len)
+            pool = DialoguePool(policy, len(episodes), max_cache_len=cfg.max_cache_len,
+                                shared_prefix=cfg.shared_prefix)
         got = branch(policy, pool, {e.key: e.assistant_view for e in episodes}, cfg.sampling(cfg.max_new_tokens),
                      branch_config(cfg), seed)
         return [got[e.key] for e in episodes]
@@ -205,7 +209,8 @@ def make_pools(policy: Policy, sim: Policy, cfg: SearchConfig, stats: CacheStats
     def pool(p: Policy | EndpointPolicy, rows: int) -> DialoguePool | None:
         if isinstance(p, EndpointPolicy):
             return None
-        return DialoguePool(p, rows, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg), stats=stats)
+        return DialoguePool(p, rows, max_cache_len=cfg.max_cache_len, cache_len=cache_len(cfg), stats=stats,
+                            shared_prefix=cfg.shared_prefix)
 
     rows = cfg.batch_seeds * cfg.beam
     futures = (pool(policy, rows * cfg.k), pool(sim, rows * cfg.k)) if cfg.lookahead > 1 else None

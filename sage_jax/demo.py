@@ -5,7 +5,7 @@
     -> DPO on its pairs -> self-play of the base and the final model on the held-out seeds
     -> A/B compare (95% interval) + field-level latent accuracy and parse rate + perplexity -> report
 
-Default: SmolLM2-135M-Instruct (about a quarter of an hour on 2 CPU cores). `--quick`: the same
+Default: SmolLM2-135M-Instruct (about 12 minutes on 2 CPU cores). `--quick`: the same
 pipeline on a tiny random model built offline with the SmolLM2 tokenizer (about a minute; CI
 runs it: it checks the plumbing, not quality). The judge is the deterministic `rules:` heuristic
 unless `judge=openai:...` is given: every output names the judge that produced it.

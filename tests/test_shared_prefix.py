@@ -11,18 +11,11 @@ import numpy as np
 import pytest
 
 from sage_jax import model
+from test_model_cache_packing import tiny  # the same tiny Llama/Mistral and params
 
 TOL = 2e-5
 
 
-def tiny(family="llama", **kw):
-    base = dict(family=family, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5)
-    if family == "mistral":
-        base["sliding_window"] = 5
-    base.update(kw)
-    cfg = model.ModelConfig(**base)
-    return cfg, model.init_params(cfg, jax.random.key(0), std=0.2)
 
 
 def _parents(cfg, params, lengths, sp, rng):

@@ -58,7 +58,8 @@ class ModelConfig:
     num_experts: int = 0  # Mixtral: > 0 turns the MLP into a top-k MoE
     num_experts_per_tok: int = 2
     # How the MoE MLP is computed (sage_jax.model.moe): "auto" (grouped matmul on TPU/GPU, padded
-    # expert blocks on CPU), "dense" (every expert on every token), "ragged", "blocks".
+    # expert blocks on CPU; "expert_parallel" under a mesh with expert > 1), "dense" (every expert on
+    # every token), "ragged", "blocks", "expert_parallel" (all_to_all over the `expert` mesh axis).
     moe_dispatch: str = "auto"
     # Rows of the embedding / head actually allocated: >= vocab_size, padded so the vocab
     # axis divides the mesh. The padding never reaches logits or exported files.
@@ -81,8 +82,9 @@ class ModelConfig:
             )
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
             raise ValueError("ModelConfig.padded_vocab_size must be >= vocab_size")
-        if self.moe_dispatch not in ("auto", "dense", "ragged", "blocks"):
-            raise ValueError(f"ModelConfig.moe_dispatch must be auto, dense, ragged or blocks, got {self.moe_dispatch!r}")
+        if self.moe_dispatch not in ("auto", "dense", "ragged", "blocks", "expert_parallel"):
+            raise ValueError("ModelConfig.moe_dispatch must be auto, dense, ragged, blocks or expert_parallel, "
+                             f"got {self.moe_dispatch!r}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError("ModelConfig.layer_types must have one entry per layer")
 

@@ -249,6 +249,36 @@ def test_failures_are_reported_and_retried_on_the_next_run(tmp_path, capsys):
     assert sorted(d.id for d in read_sac(out)[0]) == ["k0", "k1", "k2", "k3"]
 
 
+def test_resume_follows_content_not_position(tmp_path):
+    """Records without ids get ids from their content: a reordered, extended input resumes with
+    only the new dialogue annotated; a finished id whose dialogue changed stops with its name."""
+    convs = [(None, [f"PUPPY-{i} my puppy is sick", "Oh no, I'm sorry. What are the symptoms?"]) for i in range(3)]
+    recs = [{"conversations": r["conversations"]} for r in sharegpt_records(convs)]
+    src, out = tmp_path / "raw.jsonl", tmp_path / "sac.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert annotate_file(src, out, GarbageFor(), progress=False).annotated == 3
+    first = {d.id: d for d in read_sac(out)[0]}
+    extra = {"conversations": [{"from": "human", "value": "PUPPY-9 new"}, {"from": "gpt", "value": "Tell me more."}]}
+    src.write_text("\n".join(json.dumps(r) for r in [extra, *reversed(recs)]) + "\n")
+    j = GarbageFor()
+    rep = annotate_file(src, out, j, progress=False)
+    assert (rep.already_done, rep.annotated) == (3, 1) and len(j.prompts) == 1
+    again = read_sac(out)[0]
+    assert len(again) == len({d.id for d in again}) == 4
+    assert all(first[d.id] == d for d in again if d.id in first)
+    # explicit ids whose dialogue changed under a finished id: refused, nothing appended
+    named = tmp_path / "named.jsonl"
+    named.write_text("\n".join(json.dumps(r) for r in sharegpt_records(CONVS[:2])) + "\n")
+    out2 = tmp_path / "named.sac.jsonl"
+    annotate_file(named, out2, GarbageFor(), progress=False)
+    before = out2.read_text()
+    changed = sharegpt_records([CONVS[1], (CONVS[0][0], ["something else entirely", "oh?"])])
+    named.write_text("\n".join(json.dumps(r) for r in changed) + "\n")
+    with pytest.raises(ValueError, match=f"{CONVS[0][0]}.*another dialogue"):
+        annotate_file(named, out2, GarbageFor(), progress=False)
+    assert out2.read_text() == before
+
+
 def test_cli_exit_code_and_summary_on_failures(tmp_path, capsys, monkeypatch):
     src = tmp_path / "raw.jsonl"
     src.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}) + "\n")

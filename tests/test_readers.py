@@ -1,6 +1,7 @@
 """Corpus readers -> SAC, the JSONL reader/writer and rollout seeds: mappings, errors, counts."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -194,13 +195,19 @@ def test_sharegpt_json_list_and_jsonl(tmp_path):
     as_list = tmp_path / "chats.json"
     as_list.write_text(json.dumps(recs, indent=2), encoding="utf-8")
     as_lines = jsonl(tmp_path / "chats.jsonl", recs)
-    for path, second_id in ((as_list, "chats_1"), (as_lines, "chats_2")):
+    ids = []
+    for path in (as_list, as_lines):
         dialogues, report = read_corpus("sharegpt", path)
-        assert [d.id for d in dialogues] == ["a", second_id, "7"] and report.balanced
+        ids.append([d.id for d in dialogues])
+        assert ids[-1][0] == "a" and ids[-1][2] == "7" and report.balanced
+        assert re.fullmatch(r"chats_[0-9a-f]{12}", ids[-1][1])  # no id: one from the content
         assert dialogues[0].turns == (Turn("user", "hi"), Turn("assistant", "hello"))
         assert dialogues[1].system == "be nice" and len(dialogues[1].turns) == 3
         assert dialogues[2].system == "sys"
         assert all(t.latent is None for d in dialogues for t in d.turns)
+    assert ids[0] == ids[1]  # the same record in either layout, at another line
+    moved = jsonl(tmp_path / "chats.jsonl", [sg(("human", "new"), ("gpt", "one")), *reversed(recs)])
+    assert ids[0][1] in [d.id for d in read_corpus("sharegpt", moved)[0]]  # reordered: same id
 
 
 def test_sharegpt_validation(tmp_path):

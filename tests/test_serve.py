@@ -162,3 +162,45 @@ def test_overload_503(pol):
     over = [r for r in results if r[0] == 503][0]
     assert over[1]["error"]["type"] == "server_overloaded" and "queue is full" in over[1]["error"]["message"]
     assert {k.lower(): v for k, v in over[2].items()}.get("retry-after") == "1"  # header names: any case
+
+
+def _sage_body(n, pin, seed, max_tokens=12):
+    return {"messages": _msgs("I failed my exam"), "n": n, "temperature": 1.0, "seed": seed, "max_tokens": max_tokens,
+            "sage": {"pin": pin, "return_latents": True}}
+
+
+def test_sage_requests_run_in_the_slots_and_equal_steer(pol, srv):
+    """A pinned action needs the three user fields generated first: each is a phase of the row in
+    its slot (no whole-request call holding the other slots); the choices equal `steer`'s."""
+    from sage_jax.rollout.steer import steer
+    from sage_jax.serve.protocol import parse_chat_request
+
+    body = _sage_body(3, {"a_motivation": "humour"}, seed=11)
+    before = dict(srv.stats)
+    code, out, _ = _post(srv.url, body)
+    assert code == 200, out
+    assert srv.stats["phases"] - before["phases"] == 3 * 3  # u_motivation, u_emotion, u_topic per choice
+    req = parse_chat_request(body, default_max_tokens=16, max_tokens_limit=srv.worker.config.max_tokens_limit)
+    want = steer(pol, [req.messages] * 3, [req.pins] * 3, req.sampling, row_seeds=req.row_seeds())
+    got = [c["message"] for c in out["choices"]]
+    assert [m["sage_raw"] for m in got] == [w.content for w in want]
+    assert [m["content"] for m in got] == [w.reply for w in want]
+    assert len({m["sage_raw"] for m in got}) > 1  # sampled rows differ
+
+
+def test_more_choices_than_slots_start_as_slots_free_up(pol, srv):
+    """n > max_batch: the choices start as slots free up (never more rows than slots) and equal
+    the answers of a server with room for all of them; `sage` requests too."""
+    small = make_server(pol, "127.0.0.1", 0, max_batch=2, max_queue=8).start()
+    try:
+        plain = {"messages": _msgs("hello there"), "n": 5, "temperature": 1.0, "seed": 3, "max_tokens": 6}
+        sage = _sage_body(3, {"u_emotion": "sad"}, seed=5, max_tokens=8)
+        for body in (plain, sage):
+            code, out, _ = _post(small.url, body)
+            ref_code, ref, _ = _post(srv.url, body)
+            assert code == ref_code == 200, (out, ref)
+            assert len(out["choices"]) == body["n"]
+            assert [c["message"] for c in out["choices"]] == [c["message"] for c in ref["choices"]]
+        assert small.stats["max_rows"] <= 2 and small.stats["requests"] == 2
+    finally:
+        small.close()

@@ -38,6 +38,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,12 +307,15 @@ def annotate_file(input: str | os.PathLike, output: str | os.PathLike, judge: Ju
     """Annotate a raw dialogue file into SAC JSONL, resumably.
 
     Ids already in ``output`` are skipped (a killed run continues where it stopped; a torn last
-    line is dropped first); each annotated dialogue is appended and flushed as its chunk finishes.
+    line is dropped first); each output record keeps its input's content hash (``meta.content_sha``)
+    and a resume whose input holds a different dialogue under a finished id (positional ids of a
+    reordered or edited file) stops with a ValueError naming it, instead of skipping it silently; each annotated dialogue is appended and flushed as its chunk finishes.
     Failures of this run (and malformed input records) go to ``failures_path`` (default
     ``OUT.failures.jsonl``, rewritten each run: failed ids are tried again on the next run).
     ``limit`` caps the dialogues annotated in this run. ``kw``: see :func:`annotate_dialogues`.
     """
-    from sage_jax.data.jsonl import JsonlWriter, done_ids
+    from sage_jax.data.jsonl import JsonlWriter, read_records
+    from sage_jax.data.readers import content_sha
     from sage_jax.progress import progress as progress_bar
 
     output = Path(output)
@@ -319,10 +323,17 @@ def annotate_file(input: str | os.PathLike, output: str | os.PathLike, judge: Ju
         (output.name[:-len(".jsonl")] if output.name.endswith(".jsonl") else output.name) + ".failures.jsonl")
     dialogues, read = read_dialogues(input, fmt, progress=False if progress is False else None)
     rep = AnnotateReport(str(input), str(output), str(fpath), judge.name, read=read, total=len(dialogues))
-    done = done_ids(output)
-    todo, seen = [], set()
+    done = read_records(output)
+    todo, seen, shas = [], set(), {}
     for d in dialogues:
+        shas[d.id] = sha = content_sha(d.turns, d.system)
         if d.id in done:
+            was = (done[d.id].get("meta") or {}).get("content_sha")
+            if was is not None and was != sha:
+                raise ValueError(
+                    f"{output}: {d.id!r} was annotated from another dialogue than {input} now holds under that "
+                    f"id (content {was} -> {sha}); ids by position in a reordered or edited input? Annotate into "
+                    f"a new output file")
             rep.already_done += 1
         elif d.id in seen:
             rep.duplicates += 1
@@ -335,7 +346,7 @@ def annotate_file(input: str | os.PathLike, output: str | os.PathLike, judge: Ju
             progress_bar(len(todo), "annotate", unit="dlg", leave=False, show=progress) as bar:
         for _, res in iter_annotate(judge, todo, chunk_size=chunk_size, **kw):
             if isinstance(res, Dialogue):
-                w.write(res)
+                w.write(dataclasses.replace(res, meta={**res.meta, "content_sha": shas[res.id]}))
                 rep.annotated += 1
             else:
                 fw.write(res.to_json())

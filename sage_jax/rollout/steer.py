@@ -27,10 +27,11 @@ from sage_jax.rollout.sampler import generate
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.sac import DEFAULT_SCHEMA, Latent, parse_assistant_lenient
 
-__all__ = ["Steered", "steer", "build_prefill", "check_pins", "FIELD_ORDER"]
+__all__ = ["Steered", "steer", "build_prefill", "check_pins", "FIELD_ORDER", "FIELD_TOKENS", "Phase", "plan_phase",
+           "steered_result", "cut_field", "cut_stops", "uses_special_tokens"]
 
 FIELD_ORDER: tuple[str, ...] = (*DEFAULT_SCHEMA.user_keys, *DEFAULT_SCHEMA.assistant_keys)
-_FIELD_TOKENS = 24  # max new tokens for one generated field value
+FIELD_TOKENS = 24  # max new tokens for one generated field value
 
 
 @dataclasses.dataclass
@@ -151,7 +152,7 @@ def _partial(pins, generated, upto: int, special: bool) -> str:
     return text
 
 
-def _cut_field(text: str, key: str) -> str:
+def cut_field(text: str, key: str) -> str:
     """The value text of one generated field: up to its end (``]`` for topics, else ``,``/``}``)."""
     s = DEFAULT_SCHEMA
     text = text.lstrip()
@@ -178,7 +179,7 @@ def uses_special_tokens(policy) -> bool:
     return all(t in vocab for t in DEFAULT_SCHEMA.special_tokens())
 
 
-def _cut_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def cut_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cut = [p for p in (text.find(s) for s in stops if s) if p >= 0]
     return (text[: min(cut)], True) if cut else (text, False)
 
@@ -211,38 +212,65 @@ def steer(policy, conversations: Sequence[Sequence[dict]], pins: Sequence[Mappin
     special = uses_special_tokens(policy) if special_tokens is None else special_tokens
     cfg, params = policy.cfg, policy.params
 
-    def run(rows: list[int], prompts: list[list[int]], sps: list[SamplingParams], salt: int):
+    def run(rows: list[int], phases: list[Phase]):
         if on_generate is not None:
             on_generate(len(rows))
-        return generate(cfg, params, prompts, sps, seed=seed,
-                        row_seeds=[(seeds[r] * 7 + salt) % (1 << 31) if salt else seeds[r] for r in rows])
+        prompts = [policy.encode_chat(conversations[r], prefill=ph.prefill) for r, ph in zip(rows, phases)]
+        return generate(cfg, params, prompts, [ph.sampling for ph in phases], seed=seed,
+                        row_seeds=[ph.seed for ph in phases])
 
-    # Phase 1: generate unpinned fields that precede a pinned one, one field position at a time.
+    # Field phases: unpinned fields that precede a pinned one, one field position at a time (all
+    # rows needing one go together), then one generation of prefill + the rest (latents, reply).
     generated: list[dict[str, str]] = [{} for _ in range(n)]
-    for phase in range(len(FIELD_ORDER)):
-        todo = [(r, i) for r in range(n) if (i := _next_needed(pins_l[r], generated[r])) is not None]
+    while True:
+        plans = [plan_phase(pins_l[r], generated[r], sp_l[r], seeds[r], special=special) for r in range(n)]
+        todo = [r for r in range(n) if plans[r].field is not None]
         if not todo:
             break
-        rows = [r for r, _ in todo]
-        prompts = [policy.encode_chat(conversations[r], prefill=_partial(pins_l[r], generated[r], i, special))
-                   for r, i in todo]
-        sps = [dataclasses.replace(sp_l[r], max_new_tokens=_FIELD_TOKENS, min_new_tokens=0, stop_strings=(),
-                                   logprobs=False) for r in rows]
-        gens = run(rows, prompts, sps, salt=phase + 1)
-        for (r, i), g in zip(todo, gens):
-            generated[r][FIELD_ORDER[i]] = _cut_field(policy.decode(g.tokens), FIELD_ORDER[i])
+        for r, g in zip(todo, run(todo, [plans[r] for r in todo])):
+            generated[r][plans[r].field] = cut_field(policy.decode(g.tokens), plans[r].field)
+    gens = run(list(range(n)), plans)
+    return [steered_result(plans[r].prefill, policy.decode(g.tokens), sp_l[r].stop_strings, g.finish_reason,
+                           list(g.tokens), special=special) for r, g in enumerate(gens)]
 
-    # Phase 2: one generation of prefill + the rest (latents, then the reply).
-    prefills = [build_prefill(pins_l[r], generated[r], special_tokens=special) for r in range(n)]
-    prompts = [policy.encode_chat(conversations[r], prefill=prefills[r]) for r in range(n)]
-    sps = [dataclasses.replace(sp, stop_strings=()) for sp in sp_l]
-    gens = run(list(range(n)), prompts, sps, salt=0)
-    out = []
-    for r, g in enumerate(gens):
-        text, cut = _cut_stops(policy.decode(g.tokens), sp_l[r].stop_strings)
-        content = prefills[r] + text
-        parse = parse_assistant_lenient(content, DEFAULT_SCHEMA, special_tokens=special)
-        out.append(Steered(parse.state, parse.action, parse.reply, content, "stop" if cut else g.finish_reason,
-                           prefill=prefills[r], tokens=list(g.tokens), missing=parse.missing,
-                           problems=tuple(str(p) for p in parse.problems)))
-    return out
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One generation of a steered row: the assistant message's forced start (`prefill`), its
+    sampling and row seed, and the latent field it generates (None: the final generation)."""
+
+    prefill: str
+    sampling: SamplingParams
+    seed: int
+    field: str | None
+
+
+def plan_phase(pins: Mapping[str, Any] | None, generated: Mapping[str, str], sampling: SamplingParams,
+               row_seed: int, *, special: bool) -> Phase:
+    """A row's next generation given the fields generated so far (`generated`: key -> raw value).
+
+    A field phase makes at most `FIELD_TOKENS` tokens with no stop strings and is cut on the host
+    (`cut_field`); the k-th field phase of a row uses row seed (row_seed * 7 + k + 1) so phases do
+    not replay one another's draws. The final phase keeps the row seed; its stop strings are the
+    caller's to apply to the decoded text (`steered_result`). Used by `steer` and the server's slots,
+    so a served steered answer equals `steer`'s."""
+    pins = pins or {}
+    i = _next_needed(pins, generated)
+    if i is not None:
+        sp = dataclasses.replace(sampling, max_new_tokens=FIELD_TOKENS, min_new_tokens=0, stop_strings=(),
+                                 logprobs=False)
+        return Phase(_partial(pins, generated, i, special), sp, (row_seed * 7 + len(generated) + 1) % (1 << 31),
+                     FIELD_ORDER[i])
+    return Phase(build_prefill(pins, generated, special_tokens=special), dataclasses.replace(sampling, stop_strings=()),
+                 row_seed, None)
+
+
+def steered_result(prefill: str, text: str, stops: Sequence[str], finish_reason: str, tokens: list[int], *,
+                   special: bool) -> Steered:
+    """The `Steered` of a final phase: its decoded `text` cut at the first stop string, parsed
+    leniently together with the prefill."""
+    text, cut = cut_stops(text, stops)
+    content = prefill + text
+    parse = parse_assistant_lenient(content, DEFAULT_SCHEMA, special_tokens=special)
+    return Steered(parse.state, parse.action, parse.reply, content, "stop" if cut else finish_reason, prefill=prefill,
+                   tokens=tokens, missing=parse.missing, problems=tuple(str(p) for p in parse.problems))

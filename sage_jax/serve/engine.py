@@ -10,9 +10,11 @@ arrives during a decode joins at the next step boundary instead of waiting for t
 Per-row seeds (the request's `seed`, else a random one) make a row's tokens independent of the
 rows it shares the batch with (see `serve.slots`).
 
-Whole-request path: requests with the `sage` extension (latent pinning runs several phases, see
-`rollout.steer.steer`) and requests with `n` above the slot count run as one `steer` call in the
-engine thread between decode steps; the slots wait meanwhile.
+Every request runs in the slots. A request with `n` above the slot count starts its choices as
+slots free up (its waiting choices go before newer requests). A `sage` request's row runs the
+phases of `rollout.steer` in its slot: each unpinned field before a pinned one is a short
+generation, cut on the host, after which the row is prefilled again with the longer forced start,
+then the final generation; its answer equals `steer`'s (same phases, same row seeds).
 
 Events (passed to `ChatRequest.emit`, from the engine thread): `Admitted(prompt_tokens)` once,
 `Delta(index, text)` (streaming requests only), `Finished(index, Steered)` per choice, or
@@ -34,7 +36,7 @@ import numpy as np
 
 from sage_jax.rollout.sampler import REASONS, STOP, bucket
 from sage_jax.rollout.sampling import Processing
-from sage_jax.rollout.steer import Steered, _cut_stops, steer
+from sage_jax.rollout.steer import Phase, Steered, cut_field, cut_stops, plan_phase, steered_result, uses_special_tokens
 from sage_jax.serve.protocol import ApiError, ChatRequest, Overloaded
 from sage_jax.serve.slots import decode_slots, empty_slots, finish_slots, insert_slots, prefill_slots
 
@@ -82,14 +84,19 @@ class EngineConfig:
 @dataclasses.dataclass(eq=False)
 class _Job:
     req: ChatRequest
-    remaining: int
+    seeds: list[int]  # one per choice
+    remaining: int  # choices not finished
+    started: int = 0  # choices given a slot so far (n > slots: they start as slots free up)
+    dropped: bool = False  # cancelled or failed: nothing more is sent, its rows are freed
 
 
 @dataclasses.dataclass(eq=False)
 class _Row:
     job: _Job
     index: int  # the choice index
+    phase: Phase
     proc: Processing
+    generated: dict[str, str] = dataclasses.field(default_factory=dict)  # `sage`: latent fields made so far
     tokens: list[int] = dataclasses.field(default_factory=list)
     sent: str = ""  # text streamed so far
 
@@ -134,7 +141,8 @@ class SlotEngine:
     Hooks for tests: ``before_batch(requests)`` is called before each admission round,
     ``after_step()`` after each round of decode steps (rows' new text already handed out).
     ``stats``: requests (answered), rejected (503s), batches (admission rounds), rows (rows
-    admitted), max_rows (most rows decoding at once), tokens (generated), decode_calls, steer_calls,
+    admitted), phases (`sage` field generations), max_rows (most rows decoding at once), tokens
+    (generated), decode_calls,
     cancelled (requests dropped because their client left or timed out), errors.
     """
 
@@ -144,11 +152,13 @@ class SlotEngine:
         self.before_batch: Callable[[list[ChatRequest]], None] | None = None
         self.after_step: Callable[[], None] | None = None
         self.stats = {"requests": 0, "rejected": 0, "batches": 0, "rows": 0, "max_rows": 0, "tokens": 0,
-                      "decode_calls": 0, "steer_calls": 0, "cancelled": 0, "errors": 0}
+                      "decode_calls": 0, "phases": 0, "cancelled": 0, "errors": 0}
         self.new_len = bucket(config.max_tokens_limit, 16)
         self._rate = _Rate()
         self._pending: collections.deque[ChatRequest] = collections.deque()
         self._slots: list[_Row | None] = [None] * config.max_batch
+        self._waiting: list[_Job] = []  # started requests with choices still waiting for a slot
+        self._special: bool | None = None  # whether latent blocks use special tokens (`sage` rows)
         self._state = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sage-engine", daemon=True)
@@ -195,9 +205,10 @@ class SlotEngine:
         for req in self._pending:
             _emit(req, Failed(gone))
         self._pending.clear()
-        for job in {id(r.job): r.job for r in self._slots if r is not None}.values():
+        for job in self._jobs():
             _emit(job.req, Failed(gone))
         self._slots = [None] * self.max_batch
+        self._waiting.clear()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -210,11 +221,18 @@ class SlotEngine:
             except Exception as e:  # noqa: BLE001 - every request must be answered; the slots restart
                 self._fail_active(ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
 
+    def _jobs(self) -> list[_Job]:
+        """Requests holding slots or waiting for more (n > slots), once each."""
+        jobs = {id(r.job): r.job for r in self._slots if r is not None}
+        jobs.update((id(j), j) for j in self._waiting)
+        return list(jobs.values())
+
     def _fail_active(self, err: ApiError) -> None:
         self.stats["errors"] += 1
-        for job in {id(r.job): r.job for r in self._slots if r is not None}.values():
+        for job in self._jobs():
             _emit(job.req, Failed(err))
         self._slots = [None] * self.max_batch
+        self._waiting.clear()
         self._state = None
 
     def _free(self) -> list[int]:
@@ -233,70 +251,101 @@ class SlotEngine:
             except queue.Empty:
                 break
 
-    def _whole(self, req: ChatRequest) -> bool:
-        return req.sage or req.n > self.max_batch
-
-    def _take(self) -> list[ChatRequest]:
-        """Pending requests that fit the free slots now, in arrival order."""
-        free, out = len(self._free()), []
+    def _take(self, free: int) -> list[ChatRequest]:
+        """Pending requests that start now, in arrival order: all of a request's choices fit the
+        free slots, or (n > slots) at least one does."""
+        out = []
         while self._pending:
             req = self._pending[0]
             if req.cancelled.is_set():
                 self._pending.popleft()
                 self.stats["cancelled"] += 1
                 continue
-            need = 0 if self._whole(req) else req.n
+            need = req.n if req.n <= self.max_batch else 1
             if need > free:
                 break
             out.append(self._pending.popleft())
-            free -= need
+            free -= min(req.n, free)
         return out
 
     def _admit(self) -> None:
         if not self._pending:
-            self._pull(block=not self.active_rows())
-        reqs = self._take()
+            self._pull(block=not (self.active_rows() or self._waiting))
+        for job in list(self._waiting):  # older requests' remaining choices first
+            if job.dropped or job.req.cancelled.is_set():
+                self._drop(job, cancelled=not job.dropped)
+            elif self._free():
+                self._launch(job, len(self._free()))
+        reqs = self._take(len(self._free()))
         if not reqs:
             return
         if self.before_batch is not None:
             self.before_batch(reqs)
         self.stats["batches"] += 1
         for req in reqs:
-            if not self._whole(req):
-                self._start(req)
-        whole = [r for r in reqs if self._whole(r)]
-        if whole:
-            self._run_whole(whole)
+            job = _Job(req, req.row_seeds(), req.n)
+            try:
+                prompt = self.policy.encode_chat(req.messages, prefill=req.prefill or "")
+            except Exception as e:  # noqa: BLE001 - the chat template refused this conversation
+                self._fail(job, ApiError(400, f"cannot render the conversation: {type(e).__name__}: {e}"))
+                continue
+            if self._launch(job, len(self._free())):
+                _emit(req, Admitted(len(prompt)))
 
     def _ensure_state(self) -> None:
         if self._state is None:
             pol = self.policy
             self._state = empty_slots(pol.cfg, pol.params, self.max_batch, self.config.max_model_len, self.new_len)
 
-    def _start(self, req: ChatRequest) -> None:
-        """Prefill a request's prompt into free slots (one row per choice)."""
-        pol = self.policy
+    def _plan(self, job: _Job, index: int, generated: dict[str, str]) -> Phase:
+        req = job.req
+        if not req.sage:  # one generation of the request as given
+            return Phase(req.prefill or "", req.sampling, job.seeds[index], None)
+        if self._special is None:
+            self._special = uses_special_tokens(self.policy)
+        return plan_phase(req.pins, generated, req.sampling, job.seeds[index], special=self._special)
+
+    def _launch(self, job: _Job, count: int) -> bool:
+        """Start up to `count` more of a request's choices in free slots (their first phases share
+        one prompt: one prefill). False if the request failed."""
+        count = min(count, job.req.n - job.started)
+        rows = [_Row(job, job.started + j, self._plan(job, job.started + j, {}), None) for j in range(count)]
+        job.started += count
+        if job.started < job.req.n and job not in self._waiting:
+            self._waiting.append(job)
+        elif job.started == job.req.n and job in self._waiting:
+            self._waiting.remove(job)
+        return self._prefill(rows)
+
+    def _prefill(self, rows: list[_Row]) -> bool:
+        """Prefill rows of one request that share a phase prompt into free slots (one per row)."""
+        pol, job, phase = self.policy, rows[0].job, rows[0].phase
         try:
-            prompt = pol.encode_chat(req.messages, prefill=req.prefill or "")
+            prompt = pol.encode_chat(job.req.messages, prefill=phase.prefill)
         except Exception as e:  # noqa: BLE001 - the chat template refused this conversation
-            _emit(req, Failed(ApiError(400, f"cannot render the conversation: {type(e).__name__}: {e}")))
-            return
-        self._ensure_state()
+            self._fail(job, ApiError(400, f"cannot render the conversation: {type(e).__name__}: {e}"))
+            return False
         try:
-            rows = prefill_slots(pol.cfg, pol.params, prompt, req.sampling, req.row_seeds(),
-                                 cache_len=self.config.max_model_len, new_len=self.new_len)
+            self._ensure_state()
+            new = prefill_slots(pol.cfg, pol.params, prompt, phase.sampling, [r.phase.seed for r in rows],
+                                cache_len=self.config.max_model_len, new_len=self.new_len)
         except ValueError as e:  # e.g. a prompt longer than max_model_len
-            _emit(req, Failed(ApiError(400, str(e))))
-            return
-        free = self._free()[: req.n]
-        index = free + [self._state.batch] * (rows.batch - req.n)  # padding rows: dropped
-        self._state = insert_slots(self._state, rows, jnp.asarray(index, jnp.int32))
-        job, proc = _Job(req, req.n), Processing.of(req.sampling, pol.cfg.vocab_size)
-        for j, slot in enumerate(free):
-            self._slots[slot] = _Row(job, j, proc)
-        self.stats["rows"] += req.n
+            self._fail(job, ApiError(400, str(e)))
+            return False
+        except Exception as e:  # noqa: BLE001 - this request is answered; the slots were not touched
+            self._fail(job, ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+            return False
+        free = self._free()[: len(rows)]
+        index = free + [self._state.batch] * (new.batch - len(rows))  # padding rows: dropped
+        self._state = insert_slots(self._state, new, jnp.asarray(index, jnp.int32))
+        proc = Processing.of(phase.sampling, pol.cfg.vocab_size)
+        for slot, row in zip(free, rows):
+            row.proc, row.tokens, row.sent = proc, [], ""
+            self._slots[slot] = row
+        self.stats["rows"] += sum(r.phase.field is None for r in rows)
+        self.stats["phases"] += sum(r.phase.field is not None for r in rows)
         self.stats["max_rows"] = max(self.stats["max_rows"], self.active_rows())
-        _emit(req, Admitted(len(prompt)))
+        return True
 
     def _step(self) -> None:
         pol = self.policy
@@ -310,92 +359,75 @@ class SlotEngine:
         st = self._state
         tokens, lengths, done, reasons = jax.device_get((st.tokens, st.length, st.done, st.reason))
         stop = np.zeros((st.batch,), bool)
+        next_phase: list[_Row] = []
         for i, row in enumerate(self._slots):
             if row is not None:
                 stop[i] = self._advance(i, row, tokens[i, len(row.tokens): int(lengths[i])], bool(done[i]),
-                                        int(reasons[i]))
+                                        int(reasons[i]), next_phase)
         if stop.any():
             self._state = finish_slots(self._state, jnp.asarray(stop))
+        for row in next_phase:  # a `sage` row's next phase, in a free slot (its own was just freed)
+            if not row.job.dropped:
+                self._prefill([row])
         if self.after_step is not None:
             self.after_step()
 
-    def _advance(self, slot: int, row: _Row, new: np.ndarray, done: bool, reason: int) -> bool:
-        """Take a row's new tokens; stream them; finish it if done. True: mark it done on device."""
-        req = row.job.req
-        if req.cancelled.is_set():
-            self._release(slot, row, None)
+    def _advance(self, slot: int, row: _Row, new: np.ndarray, done: bool, reason: int,
+                 next_phase: list[_Row]) -> bool:
+        """Take a row's new tokens; stream them; finish its phase if done. True: mark it done on device."""
+        job = row.job
+        req = job.req
+        if job.dropped or req.cancelled.is_set():
+            self._slots[slot] = None
+            if not job.dropped:
+                self._drop(job, cancelled=True)
             return not done
         row.tokens.extend(int(t) for t in new)
         self.stats["tokens"] += len(new)
         self._rate.add(len(new))
+        if row.phase.field is not None:  # a latent field before a pin: cut it, plan the next phase
+            if done:
+                self._slots[slot] = None
+                row.generated[row.phase.field] = cut_field(self.policy.decode(row.tokens), row.phase.field)
+                row.phase = self._plan(job, row.index, row.generated)
+                next_phase.append(row)
+            return False
         stops = req.sampling.stop_strings
         if not (req.stream or stops) and not done:
             return False
-        text, cut = _cut_stops(self.policy.decode(row.tokens), stops)
+        text, cut = cut_stops(self.policy.decode(row.tokens), stops)
         finished = done or cut
-        if req.stream:
+        if req.stream and not req.sage:  # a `sage` choice is sent whole: its latents are stripped
             safe = text if finished else _stable(text, max((len(s) for s in stops), default=1) - 1)
             if safe.startswith(row.sent) and len(safe) > len(row.sent):
                 _emit(req, Delta(row.index, safe[len(row.sent):]))
                 row.sent = safe
         if finished:
             finish = "stop" if cut or reason == STOP else REASONS.get(reason, "length")
-            self._release(slot, row, Steered(None, None, text, text, finish, tokens=list(row.tokens)))
+            if req.sage:
+                result = steered_result(row.phase.prefill, self.policy.decode(row.tokens), stops, finish,
+                                        list(row.tokens), special=bool(self._special))
+            else:
+                result = Steered(None, None, text, text, finish, tokens=list(row.tokens))
+            self._slots[slot] = None
+            _emit(req, Finished(row.index, result))
+            job.remaining -= 1
+            if job.remaining == 0:
+                self.stats["requests"] += 1
         return cut and not done
 
-    def _release(self, slot: int, row: _Row, result: Steered | None) -> None:
-        self._slots[slot] = None
-        job = row.job
-        if result is None:  # cancelled: the request is dropped once, with all its rows
-            if job.remaining > 0:
-                job.remaining = 0
-                self.stats["cancelled"] += 1
-            return
-        _emit(job.req, Finished(row.index, result))
-        job.remaining -= 1
-        if job.remaining == 0:
-            self.stats["requests"] += 1
+    def _drop(self, job: _Job, cancelled: bool) -> None:
+        """Free a request's rows and forget its waiting choices (once)."""
+        if not job.dropped and cancelled:
+            self.stats["cancelled"] += 1
+        job.dropped = True
+        if job in self._waiting:
+            self._waiting.remove(job)
+        for i, r in enumerate(self._slots):
+            if r is not None and r.job is job:
+                self._slots[i] = None  # a freed slot is no longer decoded; the next insert replaces it
 
-    # -- the whole-request path (sage extension, n > slots) -----------------------------------
-
-    def _run_whole(self, reqs: list[ChatRequest]) -> None:
-        groups: dict[tuple, list[ChatRequest]] = {}
-        for r in reqs:
-            groups.setdefault(r.group_key, []).append(r)
-        for group in groups.values():
-            self._steer(group)
-
-    def _steer(self, reqs: list[ChatRequest]) -> None:
-        """One steer() call for a group of requests (its phases are batched generations)."""
-        pol = self.policy
-        convs, pins, sps, seeds = [], [], [], []
-        for r in reqs:
-            for s in r.row_seeds():
-                convs.append(r.messages)
-                pins.append(r.pins)
-                sps.append(r.sampling)
-                seeds.append(s)
-
-        def counted(rows: int) -> None:  # noqa: ARG001
-            self.stats["steer_calls"] += 1
-
-        try:
-            prompt_tokens = [len(pol.encode_chat(r.messages, prefill=r.prefill or "")) for r in reqs]
-            out = steer(pol, convs, pins, sps, seed=0, row_seeds=seeds, on_generate=counted)
-        except Exception as e:  # noqa: BLE001 - e.g. a prompt longer than the model's cache (ValueError): 400
-            err = (ApiError(400, str(e)) if isinstance(e, ValueError) else
-                   ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
-            for r in reqs:
-                _emit(r, Failed(err))
-            return
-        self.stats["rows"] += len(convs)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(convs))
-        i = 0
-        for r, pt in zip(reqs, prompt_tokens):
-            _emit(r, Admitted(pt))
-            for j, s in enumerate(out[i: i + r.n]):
-                self.stats["tokens"] += len(s.tokens)
-                self._rate.add(len(s.tokens))
-                _emit(r, Finished(j, s))
-            i += r.n
-            self.stats["requests"] += 1
+    def _fail(self, job: _Job, err: ApiError) -> None:
+        if not job.dropped:
+            _emit(job.req, Failed(err))
+        self._drop(job, cancelled=False)

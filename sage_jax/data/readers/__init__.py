@@ -38,10 +38,12 @@ from types import ModuleType
 
 from sage_jax.data.jsonl import ReadReport
 from sage_jax.data.readers import dailydialog, empathetic, esconv, sharegpt
+from sage_jax.data.readers._common import content_sha
 from sage_jax.data.readers.seeds import SeedFile, read_seeds
 from sage_jax.sac import Dialogue
 
-__all__ = ["FORMATS", "read_corpus", "iter_corpus", "corpus_files", "detect_format", "read_seeds", "SeedFile"]
+__all__ = ["FORMATS", "read_corpus", "iter_corpus", "corpus_files", "detect_format", "read_seeds", "SeedFile",
+           "content_sha"]
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (sharegpt, empathetic, esconv, dailydialog)}
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sage_jax.data.jsonl import ReadReport, RecordError, iter_json_lines
-from sage_jax.sac import Dialogue, SACFormatError
+from sage_jax.sac import Dialogue, SACFormatError, Turn
 
 _SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
            "test": "test"}
@@ -17,6 +19,13 @@ SPLIT_ORDER = ("train", "valid", "test")
 def split_name(name: str) -> str:
     """Normalise a split name (``validation``/``dev`` -> ``valid``); unknown names pass through."""
     return _SPLITS.get(name.lower(), name)
+
+
+def content_sha(turns: Sequence[Turn], system: str | None = None) -> str:
+    """12 hex digits of the SHA-256 of a dialogue's system prompt, roles and texts (not its latents,
+    id or meta): what stays the same when a file is reordered or re-converted."""
+    blob = json.dumps([system, [[t.role, t.text] for t in turns]], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 
 def bad(field: str, message: str):

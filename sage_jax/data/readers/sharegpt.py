@@ -10,7 +10,9 @@ non-empty string. One extension: a first message ``{"from": "system"}`` (or a to
 
 Mapping: human -> user, gpt -> assistant; no latents (``state``/``action`` absent: not annotated,
 see ``sage-jax annotate``). Id: the record's ``id`` (string or integer), else
-``<file stem>_<index>``. ``meta``: source, file. Other top-level keys are ignored.
+``<file stem>_<12 hex of the content's SHA-256>`` (system, roles, texts): a record keeps its id when
+the file is reordered or extended, so resumable stages keyed by id (annotate) stay exactly-once;
+identical records share an id (annotate counts the repeats as duplicates). ``meta``: source, file. Other top-level keys are ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from sage_jax.data.jsonl import ReadReport, RecordError
 from sage_jax.progress import progress as progress_bar
-from sage_jax.data.readers._common import bad, convert_json_lines, type_name
+from sage_jax.data.readers._common import bad, content_sha, convert_json_lines, type_name
 from sage_jax.sac import Dialogue, SACFormatError, Turn
 
 NAME = "sharegpt"
@@ -35,7 +37,7 @@ def files(path: Path) -> list[tuple[Path, str]]:
     return [(f, f.stem) for f in sorted(path.iterdir()) if f.suffix in (".json", ".jsonl") and f.is_file()]
 
 
-def convert(obj, fallback_id: str, file_name: str) -> Dialogue:
+def convert(obj, fallback_prefix: str, file_name: str) -> Dialogue:
     if not isinstance(obj, dict):
         bad("<record>", f"expected a JSON object, got {type_name(obj)}")
     rid = obj.get("id")
@@ -72,7 +74,8 @@ def convert(obj, fallback_id: str, file_name: str) -> Dialogue:
         turns.append(Turn(_ROLE[frm], value))
     if not turns:
         bad("conversations", "no human/gpt message")
-    return Dialogue(str(rid) if rid is not None else fallback_id, tuple(turns), system,
+    rid = str(rid) if rid is not None else f"{fallback_prefix}_{content_sha(turns, system)}"
+    return Dialogue(rid, tuple(turns), system,
                     meta={"source": SOURCE, "file": file_name})
 
 
@@ -124,12 +127,12 @@ def _skip(text: str, p: int) -> int:
 def iter_file(path: Path, split: str, report: ReadReport, progress: bool | None = None) -> Iterator[Dialogue]:
     if path.suffix == ".jsonl":
         def conv(obj, line):
-            return convert(obj, f"{path.stem}_{line}", path.name)
+            return convert(obj, path.stem, path.name)
         yield from convert_json_lines(path, report, conv, progress)
         return
     for line, index, obj in _iter_json_array(path, report, progress):
         try:
-            d = convert(obj, f"{path.stem}_{index}", path.name)
+            d = convert(obj, path.stem, path.name)
         except SACFormatError as e:
             report.fail(RecordError(path, line, f"[{index}].{e.field}", e.message))
             continue

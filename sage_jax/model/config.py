@@ -12,6 +12,8 @@ from typing import Any, Literal, Mapping
 
 Family = Literal["llama", "mistral", "qwen2", "qwen3", "mixtral"]
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+# How attention is computed (sage_jax.model.attention); not part of the HF config.json.
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "splash", "splash_interpret", "jax_xla")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -61,6 +63,9 @@ class ModelConfig:
     # expert blocks on CPU; "expert_parallel" under a mesh with expert > 1), "dense" (every expert on
     # every token), "ragged", "blocks", "expert_parallel" (all_to_all over the `expert` mesh axis).
     moe_dispatch: str = "auto"
+    # How attention runs (sage_jax.model.attention): "auto" (splash on TPU, cuDNN on GPU for bf16
+    # without a KV cache, else XLA), "xla", "cudnn", "splash", "splash_interpret", "jax_xla"; exact.
+    attention_impl: str = "auto"
     # Rows of the embedding / head actually allocated: >= vocab_size, padded so the vocab
     # axis divides the mesh. The padding never reaches logits or exported files.
     padded_vocab_size: int | None = None
@@ -85,6 +90,8 @@ class ModelConfig:
         if self.moe_dispatch not in ("auto", "dense", "ragged", "blocks", "expert_parallel"):
             raise ValueError("ModelConfig.moe_dispatch must be auto, dense, ragged, blocks or expert_parallel, "
                              f"got {self.moe_dispatch!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError("ModelConfig.layer_types must have one entry per layer")
 

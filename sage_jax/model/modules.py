@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sage_jax.model import attention as A
 from sage_jax.model import layers as L
 from sage_jax.parallel import constrain
 from sage_jax.model.config import ModelConfig
@@ -93,10 +94,11 @@ class DecoderLayer(nnx.Module):
         return lora_apply(x, getattr(self, name)[...], name, adapter, self.lora_cfg, r)
 
     def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, rng=None,
-                 prefix: tuple[jax.Array, jax.Array, Callable] | None = None):
+                 prefix: tuple[jax.Array, jax.Array, Callable] | None = None, attend: Callable | None = None):
         """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own, or the KV
         cache after writing the chunk into it) and the updated cache. `prefix`: this layer's shared
-        prefix keys/values [P, Sp, K, H] and its mask function (`Decoder.hidden_states`)."""
+        prefix keys/values [P, Sp, K, H] and its mask function (`Decoder.hidden_states`). `attend(q, k,
+        v, window)`: the attention entry point (sage_jax.model.attention); None = the XLA einsum."""
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         q, k, v = self.proj("q_proj", h, rng), self.proj("k_proj", h, rng), self.proj("v_proj", h, rng)
@@ -112,7 +114,7 @@ class DecoderLayer(nnx.Module):
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
         k_all, v_all, new_kv = keys_values(k, v)
         if prefix is None:
-            attn = L.attention(q, k_all, v_all, mask(window))
+            attn = L.attention(q, k_all, v_all, mask(window)) if attend is None else attend(q, k_all, v_all, window)
         else:
             pk, pv, pmask = prefix
             attn = L.prefix_attention(q, k_all, v_all, mask(window), pk, pv, pmask(window))
@@ -221,6 +223,11 @@ class Decoder(nnx.Module):
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
 
+        def attend(q, k, v, window):  # cfg.attention_impl; the kernels need the cache-free slots
+            slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots)
+            return A.dot_product_attention(q, k, v, q_seg=segment_ids, k_seg=k_seg, window=window,
+                                           windows=cfg.layer_windows(), impl=cfg.attention_impl, **slots)
+
         def prefix_mask(window):
             return L.prefix_mask(q_slots, segment_ids, base, prefix["k"].shape[2], window)
 
@@ -242,7 +249,7 @@ class Decoder(nnx.Module):
                 return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
 
             shared = None if prefix is None else (prefix["k"][i].astype(dt), prefix["v"][i].astype(dt), prefix_mask)
-            return layer(x, window, cos, sin, mask, keys_values, rng, shared), None
+            return layer(x, window, cos, sin, mask, keys_values, rng, shared, attend), None
 
         if cfg.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]

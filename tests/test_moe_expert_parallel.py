@@ -37,19 +37,19 @@ def _place(mesh, x, weights):
     return xs, ws
 
 
-def _layer_loss(dispatch):
+def _layer_loss(dispatch, local=None):
     def loss(x, router, gate, up, down):
-        y = M.moe(x, router, gate, up, down, k=K, dispatch=dispatch)
+        y = M.moe(x, router, gate, up, down, k=K, dispatch=dispatch, local_dispatch=local)
         return jnp.sum(jnp.sin(y)), y
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
 
 
-def _check_layer(mesh_cfg, x, weights):
+def _check_layer(mesh_cfg, x, weights, local=None):
     (l0, y0), g0 = _layer_loss("dense")(x, *weights)  # one device, no mesh: the oracle
     mesh = parallel.make_mesh(mesh_cfg)
     xs, ws = _place(mesh, x, weights)
     with jax.set_mesh(mesh):
-        fn = jax.jit(_layer_loss("expert_parallel"))
+        fn = jax.jit(_layer_loss("expert_parallel", local))
         assert "all_to_all" in str(jax.make_jaxpr(fn)(xs, *ws))  # really the exchange, not GSPMD's choice
         (l1, y1), g1 = fn(xs, *ws)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
@@ -64,6 +64,13 @@ def test_layer_values_and_gradients_equal_dense(name, shape):
     assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
     x = jax.random.normal(jax.random.key(9), shape + (D,))
     _check_layer(MESHES[name], x, _weights())
+
+
+@pytest.mark.parametrize("local", ["ragged", "dense"])
+def test_other_local_dispatches(local):
+    """The local experts through ragged_dot (the TPU/GPU choice; XLA's masked fallback here) or dense."""
+    x = jax.random.normal(jax.random.key(4), (4, 3, D))
+    _check_layer(MESHES["fsdp2_expert4"], x, _weights(2), local)
 
 
 def test_every_token_on_one_device_nothing_dropped():
@@ -93,6 +100,8 @@ def test_auto_and_explicit_resolution():
     with jax.set_mesh(parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, expert=8))), \
             pytest.raises(ValueError, match="6 experts do not divide"):
         M.moe(x, router[:, :6], gate[:6], up[:6], down[:6], k=K, dispatch="expert_parallel")
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="local_dispatch"):
+        M.moe(x, router, gate, up, down, k=K, dispatch="expert_parallel", local_dispatch="expert_parallel")
     assert model.ModelConfig(moe_dispatch="expert_parallel").moe_dispatch == "expert_parallel"
 
 

@@ -198,16 +198,20 @@ def _expert_parallel(x, router, gate, up, down, *, k: int, mesh, ep: int, impl: 
 
 
 def moe(x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *, k: int,
-        dispatch: str = "dense") -> jax.Array:
+        dispatch: str = "dense", local_dispatch: str | None = None) -> jax.Array:
     """x [..., D] through the top-k SwiGLU experts (gate/up [E, D, F], down [E, F, D]) -> [..., D].
 
-    For ``expert_parallel`` the leading dimension of x is the batch (sharded over data x fsdp)."""
+    For ``expert_parallel`` the leading dimension of x is the batch (sharded over data x fsdp), and
+    ``local_dispatch`` (dense | ragged | blocks; None: by platform) runs each device's experts."""
     dispatch = resolve_dispatch(dispatch, num_experts=gate.shape[0])
     if dispatch == "expert_parallel":
+        if local_dispatch not in (None, *_IMPLS):
+            raise ValueError(f"local_dispatch must be one of {tuple(_IMPLS)} or None, got {local_dispatch!r}")
         mesh, ep = _expert_mesh(gate.shape[0])
         if mesh is None:
             raise ValueError(f"moe_dispatch='expert_parallel' cannot run: {ep}")
-        return _expert_parallel(x, router, gate, up, down, k=k, mesh=mesh, ep=ep, impl=_local_impl()).astype(x.dtype)
+        return _expert_parallel(x, router, gate, up, down, k=k, mesh=mesh, ep=ep,
+                                impl=local_dispatch or _local_impl()).astype(x.dtype)
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
     top_w, top_i = route(xf, router, k)

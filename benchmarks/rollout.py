@@ -15,9 +15,19 @@ numbers. On an oversubscribed machine torch's OpenMP threads slow down far more 
 saw HF fall to ~1 tok/s at batch 1 with 2 threads and a load average of 5): pass
 `--torch-threads 1` there, or the ratios flatter us.
 
+Limits (benchmarks/limits.py, measured in the same run): a decode step reads every weight once
+(fp32: 4 bytes per parameter) and does 2 FLOPs per parameter per row, so its floor is
+max(bytes / memory bandwidth, FLOPs / GEMM rate); "of limit" is the measured decode tokens/s over
+the tokens/s of that floor (bandwidth-bound at small batch, compute-bound at large).
+
+llama.cpp (when `llama_cpp` is installed: `pip install -e ".[bench]"`): the same model's GGUF
+(Q4_1, so it reads ~7x fewer weight bytes than our fp32), greedy; batch 1 in process
+(`Llama.create_completion`, decode tokens/s from its own timings), batch B as B concurrent requests
+to its OpenAI server (`python -m llama_cpp.server`, which serves them one at a time): completion
+tokens / wall.
+
 Prefix sharing: K=8 continuations of one long prefix with `num_continuations=8` (one prefill,
 cache broadcast) vs 8 independent copies of the prefix (8 prefills), and K=1 for scale.
-llama.cpp is compared only if `llama_cpp` is importable.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.limits import decode_floor_s, gemm_rate, memory_bandwidth  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads (OpenMP degrades badly when the machine is oversubscribed)")
     args = ap.parse_args(argv)
@@ -79,6 +92,12 @@ def main(argv=None) -> int:
           f"({torch.get_num_threads()} threads), cpu count {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} (others share this machine when > 0.5)")
     print(f"# SmolLM2-135M fp32; prompt {args.prompt_len} tokens; {n_new} new tokens; median of {repeats}")
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    gemm = max(max(gemm_rate(m, k, n).values()) for m, k, n in
+               ((max(batches), cfg.hidden_size, cfg.intermediate_size), (1024, 1024, 1024)))
+    bandwidth = memory_bandwidth()
+    print(f"# measured: fp32 GEMM rate {gemm / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"{n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.0f} MB fp32)")
 
     text = ("I lost my job last week and I have been feeling anxious about money and about telling my "
             "family. Every morning I wake up early and cannot get back to sleep. ") * 64
@@ -162,14 +181,32 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"  batch {b}: done", file=sys.stderr, flush=True)
 
+    llama = None
+    if args.skip_llama_cpp:
+        print("\nllama.cpp: skipped (--skip-llama-cpp)")
+    elif importlib.util.find_spec("llama_cpp") is None:
+        print("\nllama.cpp: skipped (the `llama_cpp` package is not importable here: pip install -e \".[bench]\", "
+              "a 6-12 minute source build)")
+    else:
+        from sage_jax.model.smollm2 import default_cache_dir, find_gguf
+
+        llama = llama_cpp_decode(str(find_gguf(default_cache_dir())), tok, [r["batch"] for r in rows],
+                                 lambda b: prompts_of(b, args.prompt_len), n_new)
+
     print("\n## Decode throughput, greedy (tokens/s, all rows together)")
-    print("| batch | ours decode | HF decode | ratio | ours end-to-end | HF end-to-end | ratio | our compile s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | ours decode | HF decode | ratio | llama.cpp (Q4_1) | limit (bound) | ours of limit | HF of limit | "
+          "ours end-to-end | HF end-to-end | ratio | our compile s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         hd, he = r.get("hf_dec"), r.get("hf_e2e")
         f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         ratio = lambda a, c: "-" if c is None else f"{a / c:.2f}x"  # noqa: E731
-        print(f"| {r['batch']} | {r['ours_dec']:.1f} | {f(hd)} | {ratio(r['ours_dec'], hd)} | {r['ours_e2e']:.1f} | "
+        floor, bound = decode_floor_s(n_params, r["batch"], gemm, bandwidth)
+        limit = r["batch"] / floor
+        share = lambda x: "-" if x is None else f"{x / limit:.0%}"  # noqa: E731
+        lc = None if llama is None else llama.get(r["batch"])
+        print(f"| {r['batch']} | {r['ours_dec']:.1f} | {f(hd)} | {ratio(r['ours_dec'], hd)} | {f(lc)} | "
+              f"{limit:.0f} ({bound}) | {share(r['ours_dec'])} | {share(hd)} | {r['ours_e2e']:.1f} | "
               f"{f(he)} | {ratio(r['ours_e2e'], he)} | {r['compile']:.1f} |")
 
     # Prefix sharing: K continuations of one long prefix.
@@ -190,12 +227,80 @@ def main(argv=None) -> int:
           f"{t_indep / t_shared:.2f}x |")
     print(f"| 8 independent copies of the prefix | 8 | {t_indep:.2f} | {k * n_new / t_indep:.1f} | 1.00x |")
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("\nllama.cpp: skipped (the `llama_cpp` package is not importable here; installing "
-              "llama-cpp-python needs a 6-12 minute source build, see shared/MODELS.md)")
-    else:
-        print("\nllama.cpp: `llama_cpp` is importable but this benchmark does not drive it yet (skipped)")
     return 0
+
+
+def llama_cpp_decode(gguf: str, tok, batches: list[int], prompts_of, n_new: int) -> dict[int, float]:
+    """llama.cpp tokens/s per batch: batch 1 in process (decode rate from its own timings), batch B
+    as B concurrent requests to its server (completion tokens / wall)."""
+    import json
+    import subprocess
+    import threading
+    import urllib.request
+
+    from llama_cpp import Llama
+
+    out = {}
+    threads = os.cpu_count() or 1
+    if 1 in batches:
+        llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+        prompt = prompts_of(1)[0]
+        llm.create_completion(prompt, max_tokens=4, temperature=0.0)  # warm-up
+        import llama_cpp
+
+        rates = []
+        for _ in range(3):
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            llm.create_completion(prompt, max_tokens=n_new, temperature=0.0)
+            perf = llama_cpp.llama_perf_context(llm.ctx)  # decode steps alone, as our "decode" column
+            rates.append(perf.n_eval / (perf.t_eval_ms / 1e3))
+        out[1] = statistics.median(rates)
+        del llm
+    rest = [b for b in batches if b > 1]
+    if not rest:
+        return out
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    print("llama.cpp server did not start; its batch > 1 column is empty", file=sys.stderr)
+                    return out
+                time.sleep(0.5)
+
+        def ask(prompt, counts):
+            body = json.dumps({"prompt": tok.decode(prompt), "max_tokens": n_new, "temperature": 0.0}).encode()
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=1200) as r:
+                counts.append(json.loads(r.read())["usage"]["completion_tokens"])
+
+        ask(prompts_of(1)[0], [])  # warm-up
+        for b in rest:
+            counts: list[int] = []
+            workers = [threading.Thread(target=ask, args=(p, counts)) for p in prompts_of(b)]
+            t = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            out[b] = sum(counts) / (time.perf_counter() - t)
+            print(f"  llama.cpp batch {b}: done", file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
 
 
 if __name__ == "__main__":

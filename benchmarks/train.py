@@ -29,32 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of an fp32 [m, k] x [k, n] matmul: jitted JAX and torch (each the best of repeats)."""
-    import torch
-
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    out = {}
-    best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
-    out["jax"] = 2 * m * k * n / best
-    ta, tb = torch.randn(m, k), torch.randn(k, n)
-    ta @ tb
-    best = min(_timed(lambda: ta @ tb) for _ in range(repeats))
-    out["torch"] = 2 * m * k * n / best
-    return out
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+from benchmarks.limits import gemm_rate, timed  # noqa: E402
 
 
 def ours(spec_lora, cfg, params, tokens: np.ndarray):
@@ -143,7 +120,7 @@ def main(argv=None) -> int:
     times = {name: [] for name in sides}
     for _ in range(args.steps):
         for name, step in sides.items():
-            times[name].append(_timed(step))
+            times[name].append(timed(step))
 
     rates = gemm_rate(b * t, cfg.hidden_size, cfg.intermediate_size)
     gemm = max(rates.values())

@@ -1,4 +1,4 @@
-"""`sage-jax data convert`, `sage-jax data stats` and `sage-jax mix`: thin wrappers over the data functions.
+"""`sage-jax data convert`, `data stats`, `data build` and `sage-jax mix`: thin wrappers over the data functions.
 
 Wire into ``sage_jax/cli.py`` with ``register(sub)`` (adds ``data`` and ``mix``), or separately with
 ``register_data(sub)`` / ``register_mix(sub)``. Each command is a config dataclass (YAML ``--config``,
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["register", "register_data", "register_mix", "ConvertConfig", "StatsConfig", "MixConfig",
-           "convert", "stats", "mix_command"]
+           "BuildConfig", "convert", "stats", "mix_command", "build"]
 
 Format = Literal["sharegpt", "ed", "esconv", "dailydialog"]  # sage_jax.data.readers.FORMATS
 
@@ -102,6 +102,38 @@ def stats(cfg: StatsConfig) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """`sage-jax data build`: tokenize JSONL once into ArrayRecord that sft/dpo stream (train_files=[DIR])."""
+
+    inputs: tuple[str, ...] = ()  # SAC JSONL (kind=sft) or preference-pair JSONL (kind=dpo), in order (required)
+    output: str | None = None  # the dataset directory (required)
+    tokenizer: str | None = None  # the run's model directory (HF; its tokenizer) (required)
+    kind: Literal["sft", "dpo"] = "sft"
+    seq_len: int = 2048  # the run's seq_len (records are cut/dropped to fit it)
+    template: str | None = None  # the run's template (None: the tokenizer's own)
+    latent_tokens: bool = False  # the run's model.latent_tokens
+    records_per_shard: int = 50_000  # records per ArrayRecord file (a rerun resumes after the last whole one)
+    overwrite: bool = False  # rebuild a finished dataset of other inputs or settings
+    strict: bool = False  # stop at the first malformed record
+    progress: bool = True  # progress bars
+
+
+def build(cfg: BuildConfig) -> int:
+    from sage_jax.data.build import BuildSpec, build_dataset, load_tokenizer
+
+    _need(cfg.inputs, "data build: inputs= (--inputs IN.jsonl ...)")
+    _need(cfg.output, "data build: output= (-o DIR)")
+    _need(cfg.tokenizer, "data build: tokenizer= (--tokenizer MODEL_DIR)")
+    tok = load_tokenizer(cfg.tokenizer, cfg.latent_tokens)
+    meta = build_dataset(BuildSpec(kind=cfg.kind, inputs=tuple(cfg.inputs), output=cfg.output, seq_len=cfg.seq_len,
+                                   template=cfg.template, latent_tokens=cfg.latent_tokens, strict=cfg.strict,
+                                   records_per_shard=cfg.records_per_shard, overwrite=cfg.overwrite,
+                                   progress=_progress(cfg)), tok)
+    print(f"wrote {meta['records']} {cfg.kind} records to {cfg.output}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
 class MixConfig:
     """`sage-jax mix`: SAC sources mixed by a spec ({name: {path, size, prompt}}), shuffled, optionally blended."""
 
@@ -136,7 +168,7 @@ _COMMON = {"--strict": "+strict", "--no-progress": "!progress"}
 def register_data(subparsers) -> argparse.ArgumentParser:
     from sage_jax.config import add_config_command
 
-    data = subparsers.add_parser("data", help="convert corpora to SAC JSONL; corpus statistics")
+    data = subparsers.add_parser("data", help="convert corpora to SAC JSONL; corpus statistics; tokenized datasets")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     add_config_command(sub, "convert", "sage_jax.data.cli:ConvertConfig:convert",
@@ -155,6 +187,17 @@ def register_data(subparsers) -> argparse.ArgumentParser:
                        flags={"-f --format": "format FORMAT", "--tokenizer": "tokenizer DIR", "--max-len": "max_len N",
                               "--special-tokens": "+special_tokens", "--top": "top N", "--json": "+json",
                               **_COMMON})
+    add_config_command(sub, "build", "sage_jax.data.cli:BuildConfig:build",
+                       help="tokenize JSONL once into ArrayRecord for sft/dpo (train_files=[DIR])",
+                       description="Tokenize SAC JSONL (kind=sft) or preference pairs (kind=dpo) with the run's "
+                                   "tokenizer, template, seq_len and latent_tokens into an ArrayRecord dataset "
+                                   "that sft/dpo stream through Grain (give the directory as train_files). "
+                                   "Streams in constant memory; an interrupted build resumes after its last "
+                                   "whole shard. A run with other settings refuses the dataset.",
+                       example="--inputs data/train.jsonl -o data/train_built --tokenizer runs/base seq_len=2048",
+                       flags={"-i --inputs": "inputs* IN.jsonl", "-o --output": "output DIR",
+                              "--tokenizer": "tokenizer DIR", "--kind": "kind KIND", "--seq-len": "seq_len N",
+                              "--overwrite": "+overwrite", **_COMMON})
     return data
 
 

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from sage_jax.config import to_dict
+from sage_jax.data.build import BuiltDataset, pair_row, split_built
 from sage_jax.data.encode import split_eval
 from sage_jax.data.pairs import PreferencePair, last_turn_only, read_pairs
 from sage_jax.data.tokenize import encode_dialogue
@@ -38,7 +39,7 @@ from sage_jax.model.loader import ModelSpec, resolve_model_path
 from sage_jax.train import steps
 from sage_jax.train.metrics import train_flops_per_token
 from sage_jax.train.losses import DPOConfig
-from sage_jax.train.sft import TrainRunConfig
+from sage_jax.train.sft import TrainRunConfig, built_source
 from sage_jax.train.trainer import check_run_settings, init_train_state, prepare_run, to_global, train_loop
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,7 @@ def _row(dialogue, tokenizer, template, seq_len, latent_tokens) -> dict | None:
                           template=template)
     if enc is None or len(enc.tokens) > seq_len + 1:
         return None
-    n = len(enc.tokens) - 1
-    mask = last_turn_only(enc.loss_mask)
-    row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-    row["loss_mask"] = np.zeros(seq_len, bool)
-    row["inputs"][:n], row["targets"][:n] = enc.tokens[:-1], enc.tokens[1:]
-    row["loss_mask"][:n] = mask[1:]
-    row["segment_ids"][:n] = 1
-    row["positions"][:n] = np.arange(n)
-    return row
+    return pair_row(enc.tokens, last_turn_only(enc.loss_mask), seq_len)
 
 
 def encode_pairs(pairs: list[PreferencePair], tokenizer, template, seq_len, latent_tokens, desc) -> list[dict]:
@@ -90,6 +83,12 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, template, seq_len, late
     return out
 
 
+def _pair_dicts(records: list[dict], seq_len: int) -> list[dict]:
+    """Decoded built pair records -> the pair dicts :func:`encode_pairs` makes."""
+    return [{"id": str(r["index"]), **{s: pair_row(r[s]["tokens"], r[s]["loss_mask"], seq_len)
+                                       for s in ("chosen", "rejected")}} for r in records]
+
+
 def model_identity(model: ModelSpec, model_cfg) -> dict:
     """What the reference log-probs depend on besides the rows: the model spec, the resolved model
     directory and its files' sizes and modification times (a re-exported model counts as new), the
@@ -100,10 +99,11 @@ def model_identity(model: ModelSpec, model_cfg) -> dict:
             "config": dataclasses.asdict(model_cfg)}
 
 
-def reference_key(pairs: list[dict], model: Mapping) -> str:
+def reference_key(pairs, model: Mapping) -> str:
     """The cache key of reference log-probs: the model's identity and every row's tokens and mask."""
     key = hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode())
-    for p in pairs:
+    for i in range(len(pairs)):
+        p = pairs[i]
         for side in ("chosen", "rejected"):
             key.update(p[side]["inputs"].tobytes())
             key.update(p[side]["loss_mask"].tobytes())
@@ -121,35 +121,73 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def reference_logps(spec: steps.StepSpec, trainable, frozen, pairs: list[dict], batch: int, cache: Path,
-                    model: Mapping | None = None) -> None:
+def _row_batches(pairs, batch: int):
+    """The rows [chosen, rejected, chosen, ...] of ``pairs`` in batches of ``batch`` (even), streamed."""
+    rows = []
+    for i in range(len(pairs)):
+        p = pairs[i]
+        rows += [p["chosen"], p["rejected"]]
+        if len(rows) == batch:
+            yield rows
+            rows = []
+    if rows:
+        yield rows
+
+
+def reference_logps(spec: steps.StepSpec, trainable, frozen, pairs, batch: int, cache: Path,
+                    model: Mapping | None = None) -> np.ndarray:
     """Fill pair["ref_chosen"/"ref_rejected"] from the frozen starting model, cached on disk
     (keyed by ``model``, :func:`model_identity`, and the pairs' content; written atomically), so a
-    resumed run never recomputes them and another model or data never reuses them."""
+    resumed run never recomputes them and another model or data never reuses them. ``pairs``: a
+    list of pair dicts (filled in), or a :class:`BuiltPairs` (streamed, given the values). Returns
+    them ([pairs, 2])."""
     path = cache / f"reference_logps_{reference_key(pairs, model or {})}.npy"
     if path.exists():
         ref = np.load(path)
         log.info("dpo: reference log-probs from %s", path)
     else:
         fn = jax.jit(lambda t, fz, b: steps.sequence_logprobs(spec, t, fz, b)[0])
-        rows = [p[s] for p in pairs for s in ("chosen", "rejected")]
+        batch += batch % 2  # whole pairs per batch, so the rows stream pair by pair
         vals = []
-        for i in range(0, len(rows), batch):
-            chunk = rows[i: i + batch]
-            chunk = chunk + [chunk[0]] * (batch - len(chunk))
+        for chunk in _row_batches(pairs, batch):
+            n = len(chunk)
+            chunk = chunk + [chunk[0]] * (batch - n)
             stacked = {k: np.stack([r[k] for r in chunk]) for k in ROW}
-            vals.append(np.asarray(fn(trainable, frozen, stacked))[: len(rows[i: i + batch])])
+            vals.append(np.asarray(fn(trainable, frozen, stacked))[:n])
         ref = np.concatenate(vals).reshape(len(pairs), 2)
         if jax.process_index() == 0:
             _save_atomic(path, ref)
-    for p, (c, r) in zip(pairs, ref):
-        p["ref_chosen"], p["ref_rejected"] = np.float32(c), np.float32(r)
+    if isinstance(pairs, BuiltPairs):
+        pairs.ref = ref
+    else:
+        for p, (c, r) in zip(pairs, ref):
+            p["ref_chosen"], p["ref_rejected"] = np.float32(c), np.float32(r)
+    return ref
 
 
-def pair_iterator(pairs: list[dict], host_batch: int, seed: int) -> grain.DatasetIterator:
+class BuiltPairs:
+    """A built DPO dataset (`sage-jax data build kind=dpo`) as padded pair rows, read by index
+    (never all in memory); with ``ref`` set, each item also carries its reference log-probs."""
+
+    def __init__(self, ds: BuiltDataset, seq_len: int):
+        self.ds, self.seq_len, self.ref = ds, seq_len, None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i) -> dict:
+        r = self.ds[i]
+        out = {s: pair_row(r[s]["tokens"], r[s]["loss_mask"], self.seq_len) for s in ("chosen", "rejected")}
+        if self.ref is not None:
+            out["ref_chosen"], out["ref_rejected"] = np.float32(self.ref[i, 0]), np.float32(self.ref[i, 1])
+        return out
+
+
+def pair_iterator(pairs, host_batch: int, seed: int) -> grain.DatasetIterator:
     """Shuffled (reseeded per epoch), host-sharded, repeated batches of pairs; checkpointable."""
-    records = [{"chosen": p["chosen"], "rejected": p["rejected"], "ref_chosen": p["ref_chosen"],
-                "ref_rejected": p["ref_rejected"]} for p in pairs]
+    records = pairs if isinstance(pairs, BuiltPairs) else [
+        {"chosen": p["chosen"], "rejected": p["rejected"], "ref_chosen": p["ref_chosen"],
+         "ref_rejected": p["ref_rejected"]} for p in pairs]
     ds = grain.MapDataset.source(records)[jax.process_index():: jax.process_count()]
     ds = ds.shuffle(seed=seed).repeat(None).batch(host_batch, drop_remainder=True)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
@@ -196,12 +234,24 @@ def run_dpo(cfg: DPORunConfig) -> dict:
             pairs += got
         return pairs
 
-    train_p = read(cfg.train_files)
-    eval_p = read(cfg.eval_files) if cfg.eval_files else None
-    if eval_p is None:
-        train_p, eval_p = split_eval(train_p, cfg.eval_fraction, cfg.seed)
     args = (tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens)
-    train_x, eval_x = encode_pairs(train_p, *args, "train"), encode_pairs(eval_p, *args, "eval")
+    built, built_eval = built_source(cfg.train_files, tokenizer, cfg, "dpo"), None
+    if cfg.eval_files:
+        built_eval = built_source(cfg.eval_files, tokenizer, cfg, "dpo")
+        eval_x = _pair_dicts(list(built_eval), cfg.seq_len) if built_eval is not None else encode_pairs(
+            read(cfg.eval_files), *args, "eval")
+    if built is not None:  # streamed by index; the eval split (the JSONL path's) in memory
+        train_b = built
+        if not cfg.eval_files:
+            train_b, held = split_built(built, cfg.eval_fraction, cfg.seed)
+            eval_x = _pair_dicts(held, cfg.seq_len)
+        train_x = BuiltPairs(train_b, cfg.seq_len)
+    else:
+        train_p = read(cfg.train_files)
+        if not cfg.eval_files:
+            train_p, eval_p = split_eval(train_p, cfg.eval_fraction, cfg.seed)
+            eval_x = encode_pairs(eval_p, *args, "eval")
+        train_x = encode_pairs(train_p, *args, "train")
     if not train_x:
         raise ValueError("dpo: no training pairs left after tokenization")
 

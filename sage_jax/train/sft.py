@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -29,6 +30,8 @@ import numpy as np
 
 from sage_jax import parallel
 from sage_jax.config import to_dict
+from sage_jax.data.build import (BuiltDataset, check_built, expected_settings, open_built, packed_row_count,
+                                 split_built)
 from sage_jax.data.encode import encode_dialogues, read_dialogues, split_eval
 from sage_jax.data.packing import pack_examples
 from sage_jax.data.pipeline import DataConfig, make_iterator
@@ -76,7 +79,7 @@ class TrainRunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig(TrainRunConfig):
-    """SFT on SAC dialogues (`train_files`: SAC JSONL)."""
+    """SFT on SAC dialogues (`train_files`: SAC JSONL, or one directory built by `sage-jax data build`)."""
 
     # "dialogues" (the reference): batch_size dialogues per step, ceil(dialogues / batch_size)
     # steps per epoch; "rows": batch_size packed rows per step.
@@ -117,14 +120,14 @@ def plan_steps(examples, seq_len: int, batch_size: int, unit: str = "dialogues",
         if batch_size % multiple:
             raise ValueError(f"sft: batch_size={batch_size} rows must be divisible by hosts*grad_accum_steps={multiple}")
         bins = max(batch_size // hosts, 1)
-        rows = len(pack_examples(examples, seq_len, num_packing_bins=bins))
+        rows = packed_row_count(examples, seq_len, bins)
         return StepPlan(unit, batch_size, len(examples), rows, max(1, rows // batch_size), batch_size, bins)
     if unit != "dialogues":
         raise ValueError(f"batch_unit must be 'dialogues' or 'rows', got {unit!r}")
     n = len(examples)
     spe = max(1, math.ceil(n / batch_size))
     bins = max(1, math.ceil(batch_size / hosts))
-    rows = len(pack_examples(examples, seq_len, num_packing_bins=bins))
+    rows = packed_row_count(examples, seq_len, bins)
     per_step = max(1, math.ceil(rows / spe))
     per_step = math.ceil(per_step / multiple) * multiple
     return StepPlan(unit, batch_size, n, rows, spe, per_step, bins)
@@ -155,6 +158,38 @@ def make_evaluator(spec: steps.StepSpec, frozen, rows: list[dict], batch_rows: i
     return evaluate
 
 
+def built_source(files, tokenizer, cfg: TrainRunConfig, kind: str) -> BuiltDataset | None:
+    """The built dataset (`sage-jax data build`) ``files`` name (a directory), checked against the
+    run's tokenizer and settings; None for JSONL files."""
+    if not any(Path(f).is_dir() for f in files):
+        return None
+    ds = open_built(files)
+    check_built(ds, expected_settings(kind, tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens))
+    print(f"{ds.path}: built dataset, {len(ds)} {kind} records read by index ({ds.meta['counts']})", file=sys.stderr)
+    return ds
+
+
+def load_examples(cfg: SFTConfig, tokenizer):
+    """(train, eval) tokenized examples: SAC JSONL read and tokenized in memory, or a built dataset
+    whose training records Grain streams (its eval split is the JSONL path's, held in memory)."""
+    args = (tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens)
+
+    def in_memory(files, desc):
+        ds = built_source(files, tokenizer, cfg, "sft")
+        return list(ds) if ds is not None else encode_dialogues(read_dialogues(files, cfg.strict_data), *args, desc)
+
+    built = built_source(cfg.train_files, tokenizer, cfg, "sft")
+    if built is not None:
+        if cfg.eval_files:
+            return built, in_memory(cfg.eval_files, "eval")
+        return split_built(built, cfg.eval_fraction, cfg.seed)
+    train_d = read_dialogues(cfg.train_files, cfg.strict_data)
+    if cfg.eval_files:
+        return encode_dialogues(train_d, *args, "train"), in_memory(cfg.eval_files, "eval")
+    train_d, eval_d = split_eval(train_d, cfg.eval_fraction, cfg.seed)
+    return encode_dialogues(train_d, *args, "train"), encode_dialogues(eval_d, *args, "eval")
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     """Train; returns a summary (steps, first/last eval, output paths)."""
     if not cfg.train_files:
@@ -163,13 +198,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     out, mesh, model_cfg, params, tokenizer = run.out, run.mesh, run.model_cfg, run.params, run.tokenizer
     check_run_settings(cfg, out, "sft")
 
-    train_d = read_dialogues(cfg.train_files, cfg.strict_data)
-    if cfg.eval_files:
-        eval_d = read_dialogues(cfg.eval_files, cfg.strict_data)
-    else:
-        train_d, eval_d = split_eval(train_d, cfg.eval_fraction, cfg.seed)
-    train_ex = encode_dialogues(train_d, tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens, "train")
-    eval_ex = encode_dialogues(eval_d, tokenizer, cfg.template, cfg.seq_len, cfg.model.latent_tokens, "eval")
+    train_ex, eval_ex = load_examples(cfg, tokenizer)
     if not train_ex:
         raise ValueError("sft: no training examples left after tokenization")
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sage_jax import model
+from sage_jax import model, parallel
 from sage_jax.model import attention as A
 from tests.test_model_cache_packing import tiny
 
@@ -121,21 +121,23 @@ def test_kernels_that_cannot_run_here_raise():
 def test_auto_rule(monkeypatch):
     """The documented `auto` rule, per backend (the backend query is stubbed: only the choice is
     checked here; the kernels themselves run above or on their hardware)."""
-    cases = [  # backend, dtype, head_dim, cached -> impl
-        ("cpu", jnp.bfloat16, 64, False, "xla"),
-        ("tpu", jnp.float32, 64, False, "splash"),
-        ("tpu", jnp.bfloat16, 64, True, "xla"),
-        ("gpu", jnp.bfloat16, 128, False, "cudnn"),
-        ("gpu", jnp.float32, 128, False, "xla"),
-        ("gpu", jnp.bfloat16, 12, False, "xla"),
-        ("gpu", jnp.bfloat16, 128, True, "xla"),
+    cases = [  # backend, dtype, head_dim, T, cached -> impl
+        ("cpu", jnp.bfloat16, 64, 256, False, "xla"),
+        ("tpu", jnp.float32, 64, 100, False, "splash"),
+        ("tpu", jnp.bfloat16, 64, 256, True, "xla"),
+        ("gpu", jnp.bfloat16, 128, 256, False, "cudnn"),
+        ("gpu", jnp.float32, 128, 256, False, "xla"),
+        ("gpu", jnp.bfloat16, 12, 256, False, "xla"),
+        ("gpu", jnp.bfloat16, 128, 255, False, "xla"),
+        ("gpu", jnp.bfloat16, 128, 256, True, "xla"),
     ]
-    for backend, dtype, head_dim, cached, want in cases:
+    for backend, dtype, head_dim, t, cached, want in cases:
         monkeypatch.setattr(A.jax, "default_backend", lambda b=backend: b)
-        assert A.resolve_impl("auto", dtype=dtype, head_dim=head_dim, cached=cached) == want, (backend, dtype)
+        got = A.resolve_impl("auto", dtype=dtype, head_dim=head_dim, seq_len=t, cached=cached)
+        assert got == want, (backend, dtype, head_dim, t, cached)
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
     with pytest.raises(ValueError, match="bf16/fp16"):
-        A.resolve_impl("cudnn", dtype=jnp.float32, head_dim=64, cached=False)
+        A.resolve_impl("cudnn", dtype=jnp.float32, head_dim=64, seq_len=8, cached=False)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -175,3 +177,21 @@ def test_model_with_cache_on_jax_xla_equals_default():
         steps = [model.forward(c, params, tokens[:, i:i + 1], cache=cache)[0] for i in range(6, 7)]
         outs[impl] = np.concatenate([prefill] + steps, axis=1)
     _close(outs["jax_xla"], outs["auto"], TOL["float32"])
+
+
+@pytest.mark.parametrize("tensor,kv", [(2, 2), (2, 1)])  # kv=1 heads cannot split over tensor=2
+def test_splash_under_a_mesh_runs_per_shard(tensor, kv):
+    """Under a mesh (8 simulated devices: batch over data x fsdp, heads over tensor) the kernel
+    runs inside a shard_map, per batch/head shard, and still equals the XLA path on one device."""
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    q, k, v, cot, seg = _inputs("float32", b=4, t=24, kv=kv)
+    seg = seg.at[2:].set(seg[:2, ::-1])  # rows 2, 3: segments reversed (padding first)
+    ref, ref_grads = _value_and_grads("xla", q, k, v, cot, seg, 5)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=8 // (2 * tensor), tensor=tensor))
+    with jax.set_mesh(mesh):
+        fn = jax.jit(lambda *a: _value_and_grads("splash_interpret", *a, 5))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, cot, seg))
+        out, grads = fn(q, k, v, cot, seg)
+    _close(out, ref, TOL["float32"])
+    for g, rg in zip(grads, ref_grads):
+        _close(g, rg, TOL["float32"])

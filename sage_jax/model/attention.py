@@ -23,10 +23,14 @@ sliding window) with the implementation `impl`:
 - "splash_interpret": the same kernel in Pallas interpret mode, on any backend (slow; for tests).
 - "jax_xla": `jax.nn.dot_product_attention(implementation="xla")` with exactly the arguments the
   "cudnn" path passes, so that path's plumbing runs (and is tested) on CPU.
-- "auto": TPU -> "splash" without a cache; GPU -> "cudnn" without a cache when the dtype is
-  bf16/fp16 and head_dim a multiple of 8 and <= 128; otherwise (CPU, any KV-cache step: prefill
-  and decode, float32 on GPU) "xla". Decode (T=1 against S cache slots) stays on "xla": the
-  kernels are built for long query blocks and it is memory bound on the cache read anyway.
+- "auto": TPU -> "splash" without a cache (if this jax ships it); GPU -> "cudnn" without a cache
+  when the dtype is bf16/fp16, head_dim a multiple of 8 and <= 128 and T even (cuDNN's rule for a
+  bias in training); otherwise (CPU, any KV-cache step: prefill and decode, float32 on GPU) "xla".
+  Decode (T=1 against S cache slots) stays on "xla": the kernels are built for long query blocks,
+  and decode is bound by reading the cache anyway.
+
+Under a mesh in context (`jax.set_mesh`) splash runs inside a shard_map (see `_splash`); cuDNN's
+custom call carries its own partitioning rules in jax.
 
 An explicitly requested implementation that cannot run here raises ValueError; nothing falls back.
 
@@ -43,10 +47,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import AxisType, PartitionSpec as P
 
 from sage_jax.model import layers as L
 from sage_jax.model.config import ATTENTION_IMPLS as IMPLS
+from sage_jax.parallel.rules import logical_to_spec
+
+try:  # an experimental module: a jax without it still runs every other implementation
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+except ImportError as e:  # pragma: no cover - depends on the installed jax
+    splash, _SPLASH_MISSING = None, f"{type(e).__name__}: {e}"
 _LANES = 128  # splash pads T to a multiple of this (its block sizes are multiples of 128)
 _PAD_SEGMENT = -1  # segment id of splash's padding rows: no real (>= 0) segment matches it
 
@@ -81,7 +91,7 @@ def dot_product_attention(
     aligned = q_slots is None
     if aligned and t != s:
         raise ValueError(f"dot_product_attention: without slots T must equal S, got T={t}, S={s}")
-    impl = resolve_impl(impl, dtype=q.dtype, head_dim=h, cached=not aligned)
+    impl = resolve_impl(impl, dtype=q.dtype, head_dim=h, seq_len=t, cached=not aligned)
     if impl == "xla":
         if aligned:
             q_slots = k_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -97,14 +107,15 @@ def dot_product_attention(
     return _with_static_window(fn, window, windows)
 
 
-def resolve_impl(impl: str, *, dtype, head_dim: int, cached: bool) -> str:
+def resolve_impl(impl: str, *, dtype, head_dim: int, seq_len: int, cached: bool) -> str:
     """The implementation `impl` stands for here ("auto" resolved); ValueError if it cannot run."""
     backend = jax.default_backend()
-    fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    fits_cudnn = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+                  and seq_len % 2 == 0)
     if impl == "auto":
         if cached:
             return "xla"
-        if backend == "tpu":
+        if backend == "tpu" and splash is not None:
             return "splash"
         if backend == "gpu" and fits_cudnn:
             return "cudnn"
@@ -116,6 +127,8 @@ def resolve_impl(impl: str, *, dtype, head_dim: int, cached: bool) -> str:
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8:
             raise ValueError(f"attention impl 'cudnn' needs bf16/fp16 and head_dim % 8 == 0, got "
                              f"{jnp.dtype(dtype).name} and head_dim={head_dim}")
+    if impl in ("splash", "splash_interpret") and splash is None:
+        raise ValueError(f"attention impl {impl!r}: this jax has no Pallas splash attention ({_SPLASH_MISSING})")
     if impl == "splash" and backend != "tpu":
         raise ValueError(f"attention impl 'splash' needs a TPU; the backend here is {backend!r} "
                          "(use 'splash_interpret' to run the kernel in Pallas interpret mode)")
@@ -151,6 +164,24 @@ def _jax_nn(q, k, v, q_seg, k_seg, q_slots, k_slots, window: int, *, implementat
 
 
 def _splash(q, k, v, q_seg, k_seg, window: int, *, interpret: bool) -> jax.Array:
+    """`_splash_local`, under a mesh in context (jax.set_mesh) inside a shard_map: a Pallas call
+    is opaque to GSPMD, which would gather it onto every device. The batch is split as the `batch`
+    rule says and the heads as `heads` / `kv_heads` (only when both split alike, so each shard keeps
+    whole GQA groups); the length stays whole (the kernel sees entire rows)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t == AxisType.Manual for t in mesh.axis_types):
+        return _splash_local(q, k, v, q_seg, k_seg, window, interpret=interpret)
+    q_spec = logical_to_spec(("batch", None, "heads", None), q.shape, mesh)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh)
+    if q_spec[2] != kv_spec[2]:
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    seg_spec = P(q_spec[0], None)
+    body = functools.partial(_splash_local, window=window, interpret=interpret)
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, q_seg, k_seg)
+
+
+def _splash_local(q, k, v, q_seg, k_seg, window: int, *, interpret: bool) -> jax.Array:
     """The splash kernel over [B,T,N,H] (vmapped over the batch), T padded to a multiple of 128."""
     b, t, n, h = q.shape
     tp = -(-t // _LANES) * _LANES

@@ -10,7 +10,10 @@ sliding window) with the implementation `impl`:
   rejects float32), head_dim a multiple of 8 and <= 128 (256 on Hopper). GQA is native. cuDNN
   takes a causal flag, a left window and per-row lengths, but no segment ids (its packed
   "offsets" layout is not exposed by `jax.nn`), so the segment mask is passed as `mask`, which
-  jax turns into an additive bias [B, 1, T, S]: exact, fused, but the bias is read from memory.
+  jax turns into an additive bias [B, 1, T, S]: exact and fused, but the bias is read from memory
+  and jax's cuDNN backward also writes its (unused) gradient. cuDNN's packed layout (per-segment
+  offsets and lengths, no bias) would avoid both; it is only reachable through jax's private
+  `jax._src.cudnn` API, so it is not used.
   Without a cache (slots are the row indices) causality and the window also go in as
   `is_causal` / `local_window_size`, so cuDNN skips the blocks they exclude; with a cache (query
   slots start at a per-row offset) the whole mask goes through the bias.

@@ -7,6 +7,9 @@ On CPU: "jax_xla" is `jax.nn.dot_product_attention(implementation="xla")` fed ex
 "cudnn" path feeds cuDNN (so that plumbing is checked here); "splash_interpret" is the TPU splash
 kernel in Pallas interpret mode (T=40 also checks its padding to 128)."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 
 from sage_jax import model, parallel
 from sage_jax.model import attention as A
+from sage_jax.model.loader import model_config_from_dict
 from tests.test_model_cache_packing import tiny
 
 FUSED = ("jax_xla", "splash_interpret")
@@ -195,3 +199,14 @@ def test_splash_under_a_mesh_runs_per_shard(tensor, kv):
     _close(out, ref, TOL["float32"])
     for g, rg in zip(grads, ref_grads):
         _close(g, rg, TOL["float32"])
+
+
+def test_attention_impl_round_trips_with_checkpoints_not_hf():
+    """A runtime choice: kept in a checkpoint's config JSON, absent from HF config.json (importing
+    one gives "auto", or what the caller overrides)."""
+    cfg, _ = tiny("mistral", attention_impl="jax_xla")
+    assert model_config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    hf = cfg.to_hf()
+    assert not any("attention_impl" in key for key in hf)
+    assert model.ModelConfig.from_hf(hf).attention_impl == "auto"
+    assert model.ModelConfig.from_hf(hf, attention_impl="xla").attention_impl == "xla"

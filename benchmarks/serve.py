@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -108,12 +109,15 @@ def llama_cpp_sweep(gguf: str, args) -> dict | None:
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
            "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its log goes to a file: an undrained pipe fills up and blocks the server (llama.cpp logs a lot).
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         if not _wait_ready(url, proc, 120):
-            err = proc.stderr.read().decode()[-500:] if proc.poll() is not None else "did not start in 120 s"
-            print(f"llama.cpp: server failed ({err}); column skipped")
+            log.seek(0)
+            why = log.read().decode(errors="replace")[-500:] if proc.poll() is not None else "did not start in 120 s"
+            print(f"llama.cpp: server failed ({why}); column skipped")
             return None
         print("llama.cpp server:", flush=True)
         return sweep("llama.cpp", url, args.clients, args.requests, args.max_tokens, args.timeout)
@@ -130,13 +134,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the most clients)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--layout", default="per_layer", choices=["stacked", "per_layer"],
+                    help="parameter layout (as `sage-jax serve`, whose default is per_layer)")
     args = ap.parse_args()
 
-    policy = load_policy(args.model)
+    policy = load_policy(args.model, layout=args.layout)
     slots = args.max_batch or max(args.clients)
     srv = make_server(policy, "127.0.0.1", 0, max_batch=slots, max_queue=max(64, 2 * max(args.clients)),
                       max_tokens_limit=args.max_tokens, max_model_len=512).start()
-    print(f"sage-jax serve ({policy.name or args.model}, {slots} slots):", flush=True)
+    print(f"sage-jax serve ({policy.name or args.model}, {slots} slots, {args.layout} layout):", flush=True)
     try:
         ours = sweep("sage-jax", srv.url, args.clients, args.requests, args.max_tokens, args.timeout)
     finally:

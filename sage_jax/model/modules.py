@@ -187,8 +187,14 @@ class Decoder(nnx.Module):
                                      out_sharding=("embed", "vocab"))
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-                      dropout_rng=None, prefix: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+                      dropout_rng=None, prefix: Cache | None = None,
+                      layers: tuple | None = None) -> tuple[jax.Array, Cache | None]:
         """The final-normed hidden states [B, T, D] and the updated cache (None without one).
+
+        layers: the decode layout (`model.decode_layout`): one state per layer, each weight its own
+        buffer, run by an unrolled loop; `self.layers` then only gives the layer's graph. A scan
+        over stacked weights reads each layer's weights through a dynamic slice, which XLA on CPU
+        copies: at batch 1 that doubles the bytes a decode step moves.
 
         prefix (only with a cache): a read-only shared prefix, k/v [L, P, Sp, K, H] (parent rows'
         cache arrays) and base [B] int32: row b (rows grouped parent-major, b's prefix row is
@@ -254,8 +260,16 @@ class Decoder(nnx.Module):
         if cfg.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
             body = jax.checkpoint(body, policy=policy)
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, new_kv), _ = jax.lax.scan(body, (x, kv), (layer_state, windows, layer_ids))
+        if layers is None:
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, new_kv), _ = jax.lax.scan(body, (x, kv), (layer_state, windows, layer_ids))
+        else:
+            if len(layers) != cfg.num_layers:
+                raise ValueError(f"hidden_states: {len(layers)} per-layer states for {cfg.num_layers} layers")
+            carry = (x, kv)
+            for i, state in enumerate(layers):
+                carry, _ = body(carry, (state, windows[i], i))
+            x, new_kv = carry
         x = L.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         new_cache = None
         if cache is not None:
@@ -276,6 +290,7 @@ class Decoder(nnx.Module):
         return constrain(out, ("batch", "length", "vocab")[:-1][: out.ndim - 1] + ("vocab",))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-                 dropout_rng=None, prefix: Cache | None = None) -> tuple[jax.Array, Cache | None]:
-        x, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix)
+                 dropout_rng=None, prefix: Cache | None = None, layers: tuple | None = None
+                 ) -> tuple[jax.Array, Cache | None]:
+        x, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix, layers)
         return self.logits(x), cache

@@ -25,8 +25,8 @@ from sage_jax.model.modules import Cache, Decoder, segment_positions
 
 Params = dict
 
-__all__ = ["CACHE_AXES", "Cache", "abstract_module", "decoder", "forward", "graphdef", "hidden_states",
-           "init_cache", "lm_head", "segment_positions"]
+__all__ = ["CACHE_AXES", "Cache", "abstract_module", "decode_layout", "decoder", "forward", "graphdef",
+           "hidden_states", "init_cache", "lm_head", "per_layer", "segment_positions", "stacked_layout"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,11 +45,44 @@ def graphdef(cfg: ModelConfig, lora: LoraConfig | None = None) -> nnx.GraphDef:
 
 def decoder(cfg: ModelConfig, params: Params, *, lora: LoraConfig | None = None,
             adapters: Params | None = None) -> Decoder:
-    """The `Decoder` module over a state pytree (plus LoRA adapters when given)."""
+    """The `Decoder` module over a state pytree (plus LoRA adapters when given). Params in the
+    decode layout give a module whose `layers` are placeholders: pass `per_layer(params)` to it."""
     if (lora is None) != (adapters is None):
         raise ValueError("decoder: pass both `lora` and `adapters`, or neither")
+    if per_layer(params) is not None:
+        if adapters is not None:
+            raise ValueError("decoder: LoRA adapters need the stacked layout (merge them first: merge_lora)")
+        abstract = abstract_module(cfg, lora)[1].to_pure_dict()["layers"]
+        params = {**params, "layers": abstract}
     state = params if adapters is None else with_adapters(params, adapters)
     return nnx.merge(graphdef(cfg, lora), state)
+
+
+def decode_layout(params: Params) -> Params:
+    """Params with the decoder layers as a tuple of per-layer trees (each weight its own buffer),
+    for generation: `forward` then runs an unrolled loop over them instead of a scan over
+    stacked weights, whose per-layer dynamic slices XLA on CPU copies (measured: a decode step at
+    batch 1 moves about twice the bytes). Made outside jit, once (it copies the weights); the
+    stacked layout stays the one for training, checkpoints and HF export."""
+    if per_layer(params) is not None:
+        return params
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))}
+
+
+def stacked_layout(params: Params) -> Params:
+    """The inverse of `decode_layout`."""
+    layers = per_layer(params)
+    if layers is None:
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def per_layer(params: Params) -> tuple | None:
+    """The per-layer states of params in the decode layout, else None."""
+    layers = params.get("layers") if isinstance(params, dict) else None
+    return layers if isinstance(layers, tuple) else None
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
@@ -92,7 +125,7 @@ def hidden_states(
     `dropout_rng` enables LoRA dropout (training only); `prefix`: a shared read-only prefix the
     cache's rows continue (see `Decoder.hidden_states`)."""
     module = decoder(cfg, params, lora=lora, adapters=adapters)
-    return module.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix)
+    return module.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix, per_layer(params))
 
 
 def lm_head(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
@@ -121,4 +154,4 @@ def forward(
     first base[b] slots of prefix row b // (B // P), read in place, not copied per row.
     """
     module = decoder(cfg, params, lora=lora, adapters=adapters)
-    return module(tokens, positions, segment_ids, cache, dropout_rng, prefix)
+    return module(tokens, positions, segment_ids, cache, dropout_rng, prefix, per_layer(params))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from sage_jax import parallel
 from sage_jax.serve.server import API_KEY_ENV, ServerLimits
@@ -23,6 +24,9 @@ class ServeConfig:
     max_tokens_limit: int = 2048  # a request's max_tokens is clamped to this
     max_model_len: int | None = None  # tokens per slot, prompt + reply (default: min(model's, 2048))
     decode_steps: int = 4  # decode steps between admissions and stream flushes
+    # Parameter layout for generation (see rollout.load_policy): per_layer decodes faster on CPU,
+    # compiles slower: a server compiles a few programs once.
+    layout: Literal["stacked", "per_layer"] = "per_layer"
     # Bearer key every /v1 route needs (401 otherwise); default: the SAGE_JAX_API_KEY environment
     # variable (preferred: a key on the command line shows in the process list).
     api_key: str | None = None
@@ -43,7 +47,7 @@ def serve(cfg: ServeConfig) -> int:
     if not cfg.model:
         raise ValueError("serve: --model is required (model=smollm2, an HF directory or a run directory)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    policy = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh)
+    policy = load_policy(cfg.model, template=cfg.template, mesh=cfg.mesh, layout=cfg.layout)
     srv = make_server(policy, cfg.host, cfg.port, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                       default_max_tokens=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit,
                       max_model_len=cfg.max_model_len, decode_steps=cfg.decode_steps, limits=cfg.limits,
@@ -70,6 +74,7 @@ def register(sub) -> None:
                               "--max-batch": "max_batch N", "--max-queue": "max_queue N",
                               "--max-tokens": "max_tokens N", "--template": "template NAME",
                               "--max-model-len": "max_model_len N", "--api-key": "api_key KEY",
+                              "--layout": "layout NAME",
                               "--verbose": "+verbose"})
     add_config_command(sub, "chat", "sage_jax.serve.chat:ChatConfig:chat",
                        help="interactive terminal chat showing the latents; /pin, /latents, /reset, /quit",

@@ -1,0 +1,63 @@
+"""The decode layout (`model.decode_layout`): per-layer weights run by an unrolled loop give the
+stacked scan's logits and caches, generation and serving; the round trip is exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_model_cache_packing import tiny
+
+from sage_jax import model, rollout
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
+    cfg, params = tiny(family, **({"qkv_bias": True} if family == "qwen2" else {}))
+    per = model.decode_layout(params)
+    assert model.per_layer(per) is not None and len(model.per_layer(per)) == cfg.num_layers
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(3, 11), dtype=np.int32)
+    seg = np.ones_like(tokens)
+    seg[1, 7:] = 2  # packed: a second segment
+    seg[2, 9:] = 0  # padding
+    a, _ = model.forward(cfg, params, tokens, segment_ids=seg)
+    b, _ = model.forward(cfg, per, tokens, segment_ids=seg)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    step = jax.jit(model.forward, static_argnums=0)
+    caches = [model.init_cache(cfg, 3, 16), model.init_cache(cfg, 3, 16)]
+    for t in range(0, 11, 4):  # chunked prefill, then one-token steps
+        chunk = tokens[:, t: t + 4] if t < 8 else tokens[:, t: t + 1]
+        la, caches[0] = step(cfg, params, chunk, cache=caches[0])
+        lb, caches[1] = step(cfg, per, chunk, cache=caches[1])
+        np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(caches[1][name], caches[0][name], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(caches[1]["end"], caches[0]["end"])
+
+
+def test_round_trip_is_exact_and_lora_needs_the_stacked_layout():
+    cfg, params = tiny()
+    back = model.stacked_layout(model.decode_layout(params))
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)
+    per = model.decode_layout(params)
+    assert model.decode_layout(per) is per  # already in the layout: unchanged
+    lora = model.LoraConfig(rank=2)
+    adapters = model.init_lora(cfg, lora, jax.random.key(1))
+    with pytest.raises(ValueError, match="stacked layout"):
+        model.forward(cfg, model.decode_layout(params), jnp.zeros((1, 3), jnp.int32), lora=lora, adapters=adapters)
+
+
+def test_generation_and_policy_in_the_decode_layout(tiny_dir):
+    from sage_jax.rollout.policy import load_policy
+
+    stacked = load_policy(str(tiny_dir))
+    per = load_policy(str(tiny_dir), layout="per_layer")
+    assert model.per_layer(stacked.params) is None and model.per_layer(per.params) is not None
+    prompts = [stacked.encode_chat([{"role": "user", "content": t}]) for t in ("hello there", "I lost my keys")]
+    for sp in (rollout.SamplingParams.greedy_params(12), rollout.SamplingParams(temperature=1.0, max_new_tokens=12)):
+        a = rollout.generate(stacked.cfg, stacked.params, prompts, sp, seed=3)
+        b = rollout.generate(per.cfg, per.params, prompts, sp, seed=3)
+        assert [g.tokens for g in b] == [g.tokens for g in a]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        load_policy(str(tiny_dir), layout="unrolled")

@@ -132,3 +132,26 @@ def test_mixtral_logits_and_loss_gradient_equal_one_device(name):
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mixtral_cached_decode_under_params_mesh_equals_one_device():
+    """The inference path: prefill then one-token decode steps with a KV cache, the parameters'
+    mesh in context (`parallel.mesh_context`, as the rollout entry points set it): auto ->
+    expert_parallel, one token per row per step."""
+    cfg = model.ModelConfig(family="mixtral", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=8, num_experts=E, num_experts_per_tok=K)
+    params = model.init_params(cfg, jax.random.key(5), std=0.2)
+    tokens = np.asarray(jax.random.randint(jax.random.key(6), (4, 7), 0, 61))
+    ref, _ = model.forward(cfg.replace(moe_dispatch="dense"), params, tokens)
+    mesh = parallel.make_mesh(MESHES["fsdp2_expert4"])
+    sharded = parallel.shard_params(model.param_axes(cfg), params, mesh)
+    with parallel.mesh_context(sharded):
+        assert M.resolve_dispatch("auto", num_experts=E) == "expert_parallel"
+        step = jax.jit(lambda p, t, c: model.forward(cfg, p, t, cache=c))
+        cache = model.init_cache(cfg, 4, 8)
+        logits, cache = step(sharded, tokens[:, :5], cache)
+        out = [logits]
+        for i in (5, 6):
+            logits, cache = step(sharded, tokens[:, i:i + 1], cache)
+            out.append(logits)
+    np.testing.assert_allclose(np.concatenate(out, axis=1), ref, rtol=1e-5, atol=5e-5)

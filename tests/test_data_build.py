@@ -51,6 +51,10 @@ def test_records_equal_in_memory_tokenization(tiny_dir, tmp_path, latent_tokens)
     np.testing.assert_array_equal(ds.lengths(), [len(e.tokens) for e in want])
     for bins in (1, 4):  # row counts for the step plan, from lengths alone
         assert packed_row_count(ds, 128, bins) == len(pack_examples(want, 128, num_packing_bins=bins))
+    rng = np.random.default_rng(0)  # and the count's algorithm against Grain's packer on random lengths
+    fake = [{"tokens": np.zeros(n, np.int32), "loss_mask": np.zeros(n, bool)} for n in rng.integers(1, 130, 400)]
+    for bins in (1, 3, 16):
+        assert packed_row_count(fake, 128, bins) == len(pack_examples(fake, 128, num_packing_bins=bins))
     assert len(pickle.dumps(ds)) < 10_000  # what Grain workers receive: paths and metadata, no records
 
 

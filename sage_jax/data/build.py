@@ -40,14 +40,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from grain.sources import ArrayRecordDataSource
 
 from sage_jax.data.encode import latent_chars
 from sage_jax.data.jsonl import ReadReport, RecordError, iter_json_lines
-from sage_jax.data.packing import pack_dataset
 from sage_jax.data.pairs import last_turn_only, pair_from_json
 from sage_jax.data.templates import resolve_template
 from sage_jax.data.tokenize import encode_dialogue
@@ -89,6 +87,9 @@ def load_tokenizer(path: str | os.PathLike, latent_tokens: bool):
     special tokens added when ``latent_tokens``."""
     from transformers import AutoTokenizer  # transformers is heavy: only when building
 
+    if not Path(path).is_dir():  # never a hub download: the run's model is a local directory
+        raise FileNotFoundError(f"tokenizer {path!r}: not a directory (give the run's model directory; for "
+                                "the built-in model, the one `sage-jax models fetch smollm2` prints)")
     tok = AutoTokenizer.from_pretrained(str(path))
     if latent_tokens:
         tok.add_special_tokens({"additional_special_tokens": list(DEFAULT_SCHEMA.special_tokens())})
@@ -445,13 +446,35 @@ def split_built(ds: BuiltDataset, fraction: float, seed: int) -> tuple[BuiltData
 
 
 def packed_row_count(examples, seq_len: int, bins: int) -> int:
-    """Rows that first-fit packing with ``bins`` bins makes of ``examples``, streaming (never holding
-    the rows). A :class:`BuiltDataset` is counted from its lengths alone (packing depends on nothing else)."""
+    """Rows that the pipeline's first-fit packing (``packing.pack_dataset``, Grain's
+    ``FirstFitPackIterDataset``) makes of ``examples`` in order, computed from their lengths alone.
+
+    The same algorithm, without building rows: each shifted example (``T - 1`` tokens; ``T < 2``
+    is dropped) goes into the first of ``bins`` open rows with room; when none has room the open
+    rows are emitted (those holding something) and a new group starts with it. A
+    :class:`BuiltDataset` is counted from its length index without reading records.
+    """
     if isinstance(examples, BuiltDataset):
         lengths = examples.lengths()
-        source = grain.MapDataset.source(lengths).map(
-            lambda n: {"tokens": np.zeros(int(n), np.int32), "loss_mask": np.zeros(int(n), bool)})
     else:
-        source = grain.MapDataset.source(examples)
-    ds = pack_dataset(source.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len, num_packing_bins=bins)
-    return sum(1 for _ in ds)
+        lengths = [len(e["tokens"] if isinstance(e, Mapping) else e.tokens) for e in examples]
+    free = np.full(bins, seq_len, np.int64)
+    rows, used = 0, 0
+    for t in lengths:
+        n = int(t) - 1
+        if n < 1:
+            continue
+        if n > seq_len:
+            raise ValueError(f"an example of {n + 1} tokens does not fit rows of seq_len + 1 = {seq_len + 1}")
+        fit = np.flatnonzero(free[:used] >= n)
+        if fit.size:
+            free[fit[0]] -= n
+        elif used < bins:
+            free[used] -= n
+            used += 1
+        else:
+            rows += used
+            free[:] = seq_len
+            free[0] -= n
+            used = 1
+    return rows + used

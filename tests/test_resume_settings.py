@@ -30,6 +30,13 @@ def test_settings_leave_out_what_does_not_change_the_result(tmp_path):
     assert S.run_settings(_cfg(), [f])["data"][str(f)] == before
     f.write_text("two\n")
     assert S.run_settings(_cfg(), [f])["data"][str(f)] != before
+    built = tmp_path / "built"  # a `sage-jax data build` directory: known by its dataset.json
+    built.mkdir()
+    assert S.run_settings(_cfg(), [built])["data"][str(built)] is None  # not a dataset (yet)
+    (built / "dataset.json").write_text('{"counts": {"records": 3}}')
+    first = S.run_settings(_cfg(), [built])["data"][str(built)]
+    (built / "dataset.json").write_text('{"counts": {"records": 4}}')  # rebuilt with other contents
+    assert first and S.run_settings(_cfg(), [built])["data"][str(built)] not in (None, first)
 
 
 def test_check_settings_records_refuses_allows_and_notes_old_runs(tmp_path, caplog):

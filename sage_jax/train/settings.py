@@ -55,10 +55,22 @@ def file_digest(path: str | os.PathLike) -> str:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def data_digest(path: str | os.PathLike) -> str | None:
+    """A file's content digest; for a built dataset directory (`sage-jax data build`) the digest
+    of its ``dataset.json``, written last by every build (settings, sources, counts), so a rebuilt
+    dataset is a change; None for anything else (missing)."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    if (p / "dataset.json").is_file():
+        return "dataset.json " + file_digest(p / "dataset.json")
+    return None
+
+
 def run_settings(cfg: Any, files: Iterable[str | os.PathLike] = ()) -> dict:
-    """:func:`result_settings` plus ``data``: ``{path: content digest}`` of ``files`` (missing: None)."""
+    """:func:`result_settings` plus ``data``: ``{path: content digest}`` of ``files`` (see `data_digest`)."""
     out = result_settings(cfg)
-    out["data"] = {str(f): file_digest(f) if Path(f).is_file() else None for f in files}
+    out["data"] = {str(f): data_digest(f) for f in files}
     return out
 
 

@@ -45,12 +45,12 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from grain.sources import ArrayRecordDataSource
 
 from sage_jax.data.encode import latent_chars
-from sage_jax.data.jsonl import ReadReport, RecordError, iter_json_lines
+from sage_jax.data.jsonl import ReadReport, RecordError, iter_records
 from sage_jax.data.pairs import last_turn_only, pair_from_json
 from sage_jax.data.templates import resolve_template
 from sage_jax.data.tokenize import encode_dialogue
 from sage_jax.progress import progress as progress_bar
-from sage_jax.sac import DEFAULT_SCHEMA, SACFormatError, dialogue_from_json, to_messages
+from sage_jax.sac import DEFAULT_SCHEMA, dialogue_from_json, to_messages
 
 __all__ = ["FORMAT", "META_FILE", "BuildSpec", "BuiltDataset", "BuiltMismatch", "build_dataset", "open_built",
            "is_built", "expected_settings", "check_built", "tokenizer_fingerprint", "load_tokenizer",
@@ -179,14 +179,7 @@ def _sources(inputs: Sequence[str]) -> list[dict]:
 def _items(spec: BuildSpec, report: ReadReport, path: str) -> Iterator[tuple[int, Any]]:
     """(line, dialogue or pair) of one input file; malformed records go to ``report``."""
     parse = dialogue_from_json if spec.kind == "sft" else pair_from_json
-    for line_no, obj in iter_json_lines(path, report, progress=spec.progress):
-        try:
-            item = parse(obj)
-        except SACFormatError as e:
-            report.fail(RecordError(path, line_no, e.field, e.message))
-            continue
-        report.ok()
-        yield line_no, item
+    yield from iter_records(path, report, lambda obj, _line: parse(obj), progress=spec.progress)
 
 
 def _encode_item(spec: BuildSpec, tokenizer, item) -> tuple[bytes | None, int, str]:

@@ -24,7 +24,7 @@ from typing import Any
 from sage_jax.progress import progress as progress_bar  # `progress` is the show/hide flag here
 from sage_jax.sac import Dialogue, SACFormatError, dialogue_from_json, dialogue_to_json
 
-__all__ = ["RecordError", "ReadReport", "iter_json_lines", "iter_sac", "read_sac", "JsonlWriter", "write_sac",
+__all__ = ["RecordError", "ReadReport", "iter_json_lines", "iter_records", "iter_sac", "read_sac", "JsonlWriter", "write_sac",
            "done_ids"]
 
 log = logging.getLogger("sage_jax.data")
@@ -109,6 +109,20 @@ def iter_json_lines(path: str | os.PathLike, report: ReadReport, *, progress: bo
             yield line_no, obj
 
 
+def iter_records(path: str | os.PathLike, report: ReadReport, parse: Callable[[Any, int], Any], *,
+                 progress: bool | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, parse(obj, line number))`` per JSON line; a record whose ``parse`` raises
+    :class:`SACFormatError` is reported (file, line, field) and skipped, the others counted ok."""
+    for line_no, obj in iter_json_lines(path, report, progress=progress):
+        try:
+            item = parse(obj, line_no)
+        except SACFormatError as e:
+            report.fail(RecordError(path, line_no, e.field or "<record>", e.message))
+            continue
+        report.ok()
+        yield line_no, item
+
+
 def iter_sac(path: str | os.PathLike, report: ReadReport | None = None, *, strict: bool = False,
              check: Callable[[Dialogue], None] | None = None, progress: bool | None = None) -> Iterator[Dialogue]:
     """Yield the valid dialogues of a SAC JSONL file; bad records go to ``report`` (or raise if strict).
@@ -117,15 +131,14 @@ def iter_sac(path: str | os.PathLike, report: ReadReport | None = None, *, stric
     raising :class:`SACFormatError`; it is then reported like any malformed record.
     """
     report = report if report is not None else ReadReport(str(path), strict=strict)
-    for line_no, obj in iter_json_lines(path, report, progress=progress):
-        try:
-            d = dialogue_from_json(obj)
-            if check is not None:
-                check(d)
-        except SACFormatError as e:
-            report.fail(RecordError(path, line_no, e.field, e.message))
-            continue
-        report.ok()
+
+    def parse(obj, _line):
+        d = dialogue_from_json(obj)
+        if check is not None:
+            check(d)
+        return d
+
+    for _, d in iter_records(path, report, parse, progress=progress):
         yield d
 
 

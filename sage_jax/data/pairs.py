@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from sage_jax.data.jsonl import ReadReport, RecordError, iter_json_lines
+from sage_jax.data.jsonl import ReadReport, iter_records
 from sage_jax.sac import Dialogue, SACFormatError, dialogue_from_json
 
 
@@ -74,13 +74,7 @@ def pair_from_json(obj: Any) -> PreferencePair:
 
 
 def iter_pairs(path: str | os.PathLike, report: ReadReport) -> Iterator[PreferencePair]:
-    for line_no, obj in iter_json_lines(path, report):
-        try:
-            pair = pair_from_json(obj)
-        except SACFormatError as e:
-            report.fail(RecordError(path, line_no, e.field, e.message))
-            continue
-        report.ok()
+    for _, pair in iter_records(path, report, lambda obj, _line: pair_from_json(obj)):
         yield pair
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sage_jax.data.jsonl import ReadReport, RecordError, iter_json_lines
+from sage_jax.data.jsonl import ReadReport, iter_records
 from sage_jax.sac import Dialogue, SACFormatError, Turn
 
 _SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
@@ -52,13 +52,7 @@ def require_str(obj: dict, key: str, where: str = "", *, empty_ok: bool = False)
 def convert_json_lines(path: Path, report: ReadReport, convert: Callable[[Any, int], Dialogue],
                        progress: bool | None) -> Iterator[Dialogue]:
     """Read a JSONL corpus file: ``convert(obj, line_no)`` per record, errors reported with file and line."""
-    for line_no, obj in iter_json_lines(path, report, progress=progress):
-        try:
-            d = convert(obj, line_no)
-        except SACFormatError as e:
-            report.fail(RecordError(path, line_no, e.field or "<record>", e.message))
-            continue
-        report.ok()
+    for _, d in iter_records(path, report, convert, progress=progress):
         yield d
 
 

@@ -52,7 +52,7 @@ def decoder(cfg: ModelConfig, params: Params, *, lora: LoraConfig | None = None,
     if per_layer(params) is not None:
         if adapters is not None:
             raise ValueError("decoder: LoRA adapters need the stacked layout (merge them first: merge_lora)")
-        abstract = abstract_module(cfg, lora)[1].to_pure_dict()["layers"]
+        abstract = nnx.to_pure_dict(abstract_module(cfg, lora)[1])["layers"]
         params = {**params, "layers": abstract}
     state = params if adapters is None else with_adapters(params, adapters)
     return nnx.merge(graphdef(cfg, lora), state)

@@ -12,8 +12,8 @@ from sage_jax.model import LoraConfig
 from sage_jax.train import losses, steps
 
 
-def tiny(**kw):
-    cfg = model.ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+def tiny(family="llama", **kw):
+    cfg = model.ModelConfig(family=family, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                             num_heads=4, num_kv_heads=2, head_dim=16, **kw)
     return cfg, model.init_params(cfg, jax.random.key(0), std=0.2)
 
@@ -116,6 +116,29 @@ def test_sharded_step_equals_single_device(mesh_name, use_lora):
     # The state really is distributed.
     leaf = state["params"]["layers"]["lora"]["q_proj"]["b"] if use_lora else state["params"]["layers"]["q_proj"]
     assert not leaf.sharding.is_fully_replicated
+
+
+def test_mixtral_step_on_an_expert_mesh_equals_single_device():
+    """On a mesh with an expert axis the step traces with the mesh in context, so the MoE layers
+    run the expert-parallel dispatch (all_to_all over `expert`); loss and updated params equal one
+    device's dense combine."""
+    cfg, params = tiny("mixtral", num_experts=4)
+    spec = steps.StepSpec(cfg)
+    batch = sft_batch(2, 4, 16, seed=4)
+    ref_state, ref_m = _run(spec, params, None, batch)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=1, expert=4))
+    tx = steps.make_optimizer(SMOOTH_ADAM, total_steps=10)
+    s_shard = steps.state_shardings(spec, tx, params, mesh)
+    b_shard = steps.batch_shardings(batch, mesh)
+    fn = steps.compile_step(steps.sft_train_step, spec, tx, state_sharding=s_shard, frozen_sharding=None,
+                            batch_sharding=b_shard)
+    state = jax.device_put(steps.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(0)), s_shard)
+    batch = jax.device_put(batch, b_shard)
+    assert "all_to_all" in fn.lower(state, None, batch).as_text()
+    state, m = fn(state, None, batch)
+    np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6),
+                 state["params"], ref_state["params"])
 
 
 def test_dpo_policy_equals_reference_gives_log2():

@@ -212,8 +212,20 @@ def dpo_train_step(spec: StepSpec, dpo: DPOConfig, tx: optax.GradientTransformat
 
 def compile_step(fn: Callable, *static, state_sharding=None, frozen_sharding=None, batch_sharding=None,
                  donate_state: bool = True) -> Callable:
-    """jit a step with explicit shardings; `static` args (spec, tx, ...) are bound first."""
-    bound = lambda state, frozen, batch: fn(*static, state, frozen, batch)  # noqa: E731
+    """jit a step with explicit shardings; `static` args (spec, tx, ...) are bound first.
+
+    The shardings' mesh is put in context while the step traces (as an abstract mesh, so `aot`'s
+    lowering on abstract meshes works alike): the model's activation constraints and its
+    mesh-aware layers (the expert-parallel MoE dispatch, splash attention's shard_map) then see it
+    in training as they do in inference."""
+    mesh = next((s.mesh for s in jax.tree.leaves(state_sharding) if isinstance(s, NamedSharding)), None)
+
+    def bound(state, frozen, batch):
+        if mesh is None or mesh.size == 1:
+            return fn(*static, state, frozen, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*static, state, frozen, batch)
+
     out = (state_sharding, None) if state_sharding is not None else None
     ins = (state_sharding, frozen_sharding, batch_sharding) if state_sharding is not None else None
     return jax.jit(bound, in_shardings=ins, out_shardings=out, donate_argnums=(0,) if donate_state else ())

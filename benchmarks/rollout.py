@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.limits import decode_floor_s, gemm_rate, memory_bandwidth  # noqa: E402
+from benchmarks.llama_server import llama_cpp_server  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -242,7 +243,6 @@ def llama_cpp_decode(gguf: str, tok, batches: list[int], prompts_of, n_new: int)
     """llama.cpp tokens/s per batch: batch 1 in process (decode rate from its own timings), batch B
     as B concurrent requests to its server (completion tokens / wall)."""
     import json
-    import subprocess
     import threading
     import urllib.request
 
@@ -267,26 +267,11 @@ def llama_cpp_decode(gguf: str, tok, batches: list[int], prompts_of, n_new: int)
     rest = [b for b in batches if b > 1]
     if not rest:
         return out
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print("llama.cpp server did not start; its batch > 1 column is empty", file=sys.stderr)
-                    return out
-                time.sleep(0.5)
+    with llama_cpp_server(gguf) as base:
+        if base is None:
+            print("llama.cpp: its batch > 1 column is empty", file=sys.stderr)
+            return out
+        url = base + "/completions"
 
         def ask(prompt, counts):
             body = json.dumps({"prompt": tok.decode(prompt), "max_tokens": n_new, "temperature": 0.0}).encode()
@@ -305,9 +290,6 @@ def llama_cpp_decode(gguf: str, tok, batches: list[int], prompts_of, n_new: int)
                 w.join()
             out[b] = sum(counts) / (time.perf_counter() - t)
             print(f"  llama.cpp batch {b}: done", file=sys.stderr, flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(30)
     return out
 
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
-from sage_jax.rollout.policy import load_policy
-from sage_jax.serve import make_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.llama_server import llama_cpp_server  # noqa: E402
+from sage_jax.rollout.policy import load_policy  # noqa: E402
+from sage_jax.serve import make_server  # noqa: E402
 
 TOPICS = ["my exam", "a rainy day", "my cat", "cooking pasta", "a long commute", "learning guitar", "a new job",
           "my garden"]
@@ -85,45 +85,16 @@ def sweep(name: str, url: str, levels: list[int], requests: int, max_tokens: int
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/models", timeout=2):
-                return True
-        except OSError:
-            time.sleep(0.5)
-    return False
-
-
 def llama_cpp_sweep(gguf: str, args) -> dict | None:
     if importlib.util.find_spec("llama_cpp") is None:
-        print("llama.cpp: llama_cpp is not installed (pip install 'llama-cpp-python[server]'); column skipped")
+        print("llama.cpp: llama_cpp is not installed (pip install -e \".[bench]\"); column skipped")
         return None
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-           "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1)]
-    # Its log goes to a file: an undrained pipe fills up and blocks the server (llama.cpp logs a lot).
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        if not _wait_ready(url, proc, 120):
-            log.seek(0)
-            why = log.read().decode(errors="replace")[-500:] if proc.poll() is not None else "did not start in 120 s"
-            print(f"llama.cpp: server failed ({why}); column skipped")
+    with llama_cpp_server(gguf) as url:
+        if url is None:
+            print("llama.cpp: column skipped")
             return None
         print("llama.cpp server:", flush=True)
         return sweep("llama.cpp", url, args.clients, args.requests, args.max_tokens, args.timeout)
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:

@@ -283,14 +283,11 @@ class SlotEngine:
             self.before_batch(reqs)
         self.stats["batches"] += 1
         for req in reqs:
-            job = _Job(req, req.row_seeds(), req.n)
-            try:
-                prompt = self.policy.encode_chat(req.messages, prefill=req.prefill or "")
-            except Exception as e:  # noqa: BLE001 - the chat template refused this conversation
-                self._fail(job, ApiError(400, f"cannot render the conversation: {type(e).__name__}: {e}"))
-                continue
-            if self._launch(job, len(self._free())):
-                _emit(req, Admitted(len(prompt)))
+            prompt_tokens = self._launch(_Job(req, req.row_seeds(), req.n), len(self._free()))
+            if prompt_tokens is not None:
+                if req.sage:  # usage counts the conversation, not the forced latent start of a phase
+                    prompt_tokens = len(self.policy.encode_chat(req.messages))
+                _emit(req, Admitted(prompt_tokens))
 
     def _ensure_state(self) -> None:
         if self._state is None:
@@ -305,9 +302,9 @@ class SlotEngine:
             self._special = uses_special_tokens(self.policy)
         return plan_phase(req.pins, generated, req.sampling, job.seeds[index], special=self._special)
 
-    def _launch(self, job: _Job, count: int) -> bool:
+    def _launch(self, job: _Job, count: int) -> int | None:
         """Start up to `count` more of a request's choices in free slots (their first phases share
-        one prompt: one prefill). False if the request failed."""
+        one prompt: one prefill). The prompt's length; None if the request failed."""
         count = min(count, job.req.n - job.started)
         rows = [_Row(job, job.started + j, self._plan(job, job.started + j, {}), None) for j in range(count)]
         job.started += count
@@ -317,24 +314,25 @@ class SlotEngine:
             self._waiting.remove(job)
         return self._prefill(rows)
 
-    def _prefill(self, rows: list[_Row]) -> bool:
-        """Prefill rows of one request that share a phase prompt into free slots (one per row)."""
+    def _prefill(self, rows: list[_Row]) -> int | None:
+        """Prefill rows of one request that share a phase prompt into free slots (one per row).
+        The prompt's length; None if the request failed (it was answered with the error)."""
         pol, job, phase = self.policy, rows[0].job, rows[0].phase
         try:
             prompt = pol.encode_chat(job.req.messages, prefill=phase.prefill)
         except Exception as e:  # noqa: BLE001 - the chat template refused this conversation
             self._fail(job, ApiError(400, f"cannot render the conversation: {type(e).__name__}: {e}"))
-            return False
+            return None
         try:
             self._ensure_state()
             new = prefill_slots(pol.cfg, pol.params, prompt, phase.sampling, [r.phase.seed for r in rows],
                                 cache_len=self.config.max_model_len, new_len=self.new_len)
         except ValueError as e:  # e.g. a prompt longer than max_model_len
             self._fail(job, ApiError(400, str(e)))
-            return False
+            return None
         except Exception as e:  # noqa: BLE001 - this request is answered; the slots were not touched
             self._fail(job, ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
-            return False
+            return None
         free = self._free()[: len(rows)]
         index = free + [self._state.batch] * (new.batch - len(rows))  # padding rows: dropped
         self._state = insert_slots(self._state, new, jnp.asarray(index, jnp.int32))
@@ -345,7 +343,7 @@ class SlotEngine:
         self.stats["rows"] += sum(r.phase.field is None for r in rows)
         self.stats["phases"] += sum(r.phase.field is not None for r in rows)
         self.stats["max_rows"] = max(self.stats["max_rows"], self.active_rows())
-        return True
+        return len(prompt)
 
     def _step(self) -> None:
         pol = self.policy
@@ -395,7 +393,8 @@ class SlotEngine:
         stops = req.sampling.stop_strings
         if not (req.stream or stops) and not done:
             return False
-        text, cut = cut_stops(self.policy.decode(row.tokens), stops)
+        decoded = self.policy.decode(row.tokens)
+        text, cut = cut_stops(decoded, stops)
         finished = done or cut
         if req.stream and not req.sage:  # a `sage` choice is sent whole: its latents are stripped
             safe = text if finished else _stable(text, max((len(s) for s in stops), default=1) - 1)
@@ -405,8 +404,8 @@ class SlotEngine:
         if finished:
             finish = "stop" if cut or reason == STOP else REASONS.get(reason, "length")
             if req.sage:
-                result = steered_result(row.phase.prefill, self.policy.decode(row.tokens), stops, finish,
-                                        list(row.tokens), special=bool(self._special))
+                result = steered_result(row.phase.prefill, decoded, stops, finish, list(row.tokens),
+                                        special=bool(self._special))
             else:
                 result = Steered(None, None, text, text, finish, tokens=list(row.tokens))
             self._slots[slot] = None

@@ -102,6 +102,7 @@ from sage_jax.parallel.mesh import MESH_AXES
 from sage_jax.parallel.rules import DEFAULT_RULES
 from sage_jax.sac import DEFAULT_SCHEMA
 from sage_jax.train import steps
+from sage_jax.train.losses import effective_vocab_chunk
 from sage_jax.train.sft import SFTConfig
 
 __all__ = [
@@ -317,7 +318,7 @@ def activation_bytes(model_cfg, rows: int, seq: int, mesh_shape: dict, vocab_chu
         saved, transient = layers * (carry + b * t * c * ((n + 2 * k) * hd + 2 * d + 2 * f)), layer + att_bwd
     else:
         saved, transient = layers * layer, lin + att_bwd
-    chunk = min(vocab_chunk, model_cfg.vocab_size)
+    chunk = effective_vocab_chunk(model_cfg.vocab_size, b * t, vocab_chunk)
     loss = b * t * div(chunk, tp) * 4 * 3 + -(-model_cfg.vocab_size // chunk) * b * t * 16 + b * t * d * c * 2
     return {"saved": int(saved), "transient": int(transient), "loss": int(loss)}
 
@@ -353,7 +354,8 @@ def estimate_memory(plan: StepPlan, model_cfg, cfg) -> MemoryEstimate:
     act = activation_bytes(model_cfg, b_rows, cfg.seq_len, mesh_shape, cfg.vocab_chunk)
     rows += [(f"activations kept for backward (remat={model_cfg.remat})", act["saved"]),
              ("activations of the layer in flight", act["transient"]),
-             (f"loss (vocab chunks of {min(cfg.vocab_chunk, model_cfg.vocab_size)})", act["loss"])]
+             (f"loss (vocab chunks of {effective_vocab_chunk(model_cfg.vocab_size, b_rows * cfg.seq_len, cfg.vocab_chunk)})",
+              act["loss"])]
     return MemoryEstimate(rows, b_rows, [])
 
 

@@ -30,29 +30,56 @@ def sft_batch(a, b, t, seed=0, vocab=97):
             "positions": pos}
 
 
-def test_chunked_token_logprobs_equal_log_softmax():
+@pytest.mark.parametrize("chunk", [32, 0])  # 4 chunks, the last one padded; auto = the whole vocabulary
+def test_chunked_token_logprobs_equal_log_softmax(chunk):
     cfg, params = tiny()
     x = jax.random.normal(jax.random.key(1), (2, 7, 64))
     targets = jax.random.randint(jax.random.key(2), (2, 7), 0, 97)
-    st = losses.token_logprobs(cfg, params, x, targets, vocab_chunk=32)  # 4 chunks, the last one padded
+    targets = targets.at[0, :3].set(jnp.argmax(model.lm_head(cfg, params, x[0, :3]), -1))  # some hits
+    st = losses.token_logprobs(cfg, params, x, targets, vocab_chunk=chunk)
     logits = model.lm_head(cfg, params, x)
     ref = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(st.logp, ref, atol=1e-5)
     np.testing.assert_array_equal(st.correct, jnp.argmax(logits, -1) == targets)
-    g_chunk = jax.grad(lambda x: losses.token_logprobs(cfg, params, x, targets, 32).logp.sum())(x)
+    assert 3 <= int(st.correct.sum()) < st.correct.size
+    g_chunk = jax.grad(lambda x: losses.token_logprobs(cfg, params, x, targets, chunk).logp.sum())(x)
     g_ref = jax.grad(lambda x: jnp.take_along_axis(jax.nn.log_softmax(model.lm_head(cfg, params, x)),
                                                    targets[..., None], -1).sum())(x)
     np.testing.assert_allclose(g_chunk, g_ref, atol=1e-5)
 
 
-def test_padded_vocab_rows_never_compete():
+@pytest.mark.parametrize("chunk", [32, 0])
+def test_padded_vocab_rows_never_compete(chunk):
     cfg, params = tiny()
     cfg2, params2 = model.grow_vocab(cfg, params, 97, pad_to_multiple_of=128)
     params2["embed"] = params2["embed"].at[100].set(50.0)  # a huge padding row must not matter
     x = jax.random.normal(jax.random.key(1), (1, 5, 64))
     t = jnp.zeros((1, 5), jnp.int32)
-    np.testing.assert_allclose(losses.token_logprobs(cfg2, params2, x, t, 32).logp,
-                               losses.token_logprobs(cfg, params, x, t, 32).logp, atol=1e-6)
+    np.testing.assert_allclose(losses.token_logprobs(cfg2, params2, x, t, chunk).logp,
+                               losses.token_logprobs(cfg, params, x, t, chunk).logp, atol=1e-6)
+
+
+def test_auto_vocab_chunk_takes_the_whole_vocabulary_while_the_logits_are_small():
+    assert losses.effective_vocab_chunk(49152, 1024) == 49152
+    assert losses.effective_vocab_chunk(49152, 4096) == losses.AUTO_CHUNK
+    assert losses.effective_vocab_chunk(49152, 1024, 4096) == 4096
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        losses.effective_vocab_chunk(97, 8, -1)
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_dense_equals_tensordot_in_values_and_gradients(n_in):
+    from sage_jax.model.layers import dense
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 6))
+    w = jax.random.normal(jax.random.key(1), (4, 6, 3) if n_in == 2 else (6, 3, 2))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    ours = jax.jit(jax.value_and_grad(loss(lambda x, w: dense(x, w, n_in)), argnums=(0, 1)))(x, w)
+    ref = jax.value_and_grad(loss(lambda x, w: jnp.tensordot(x, w, axes=n_in)), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel"):
+        dense(x, w.reshape(-1, 1), n_in)
 
 
 # Adam's first step is ~lr * sign(g), which amplifies float noise in tiny gradients; a large eps keeps

@@ -18,6 +18,85 @@ from sage_jax.model.config import ModelConfig, RopeConfig
 from sage_jax.model import moe as moe_lib
 
 
+def _cpu_weight_grad(x2: jax.Array, dy2: jax.Array) -> jax.Array:
+    # XLA CPU's dot (YNNPACK) wants the contraction dimension minor in both operands; left to
+    # itself XLA transposes the output gradient inside its elementwise producer (SiLU', the
+    # gate product), which reads every input with a stride: 14% of a SmolLM2 SFT step. One plain
+    # transpose of the input, kept as its own buffer, costs ~2% instead. (x2 should be a stored
+    # buffer: XLA fuses an elementwise producer into the transpose, reading its inputs strided.)
+    return jax.lax.optimization_barrier(x2.T) @ dy2
+
+
+def weight_grad(x2: jax.Array, dy2: jax.Array) -> jax.Array:
+    """x2^T @ dy2 ([rows, in], [rows, out] -> [in, out]): a kernel's gradient."""
+    return jax.lax.platform_dependent(x2, dy2, cpu=_cpu_weight_grad, default=lambda a, b: a.T @ b)
+
+
+@jax.custom_vjp
+def _dense2(x2: jax.Array, w2: jax.Array) -> jax.Array:
+    return x2 @ w2
+
+
+def _dense2_fwd(x2, w2):
+    return x2 @ w2, (x2, w2)
+
+
+def _dense2_bwd(res, dy2):
+    x2, w2 = res
+    return dy2 @ w2.T, weight_grad(x2, dy2)
+
+
+_dense2.defvjp(_dense2_fwd, _dense2_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [..., *in] @ w [*in, *out] (the last n_in axes of x contracted with the first of w).
+
+    Values are `jnp.tensordot`'s; the backward pass differs only in how the weight gradient is laid
+    out on CPU (see `_cpu_weight_grad`). Unused weight gradients (frozen weights under LoRA)
+    are removed by XLA as dead code."""
+    lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    if x.shape[x.ndim - n_in:] != ins:
+        raise ValueError(f"dense: input axes {x.shape[x.ndim - n_in:]} do not match the kernel's {ins}")
+    y = _dense2(x.reshape(-1, math.prod(ins)), w.astype(x.dtype).reshape(math.prod(ins), -1))
+    return y.reshape(*lead, *outs)
+
+
+@jax.custom_vjp
+def _swiglu2(h, wg, wu, wd):
+    return (jax.nn.silu(h @ wg) * (h @ wu)) @ wd
+
+
+def _swiglu2_fwd(h, wg, wu, wd):
+    g, u = h @ wg, h @ wu
+    a = jax.nn.silu(g) * u
+    return a @ wd, (h, wg, wu, wd, g, u, a)
+
+
+def _swiglu2_bwd(res, dy):
+    h, wg, wu, wd, g, u, a = res
+    sg = jax.nn.sigmoid(g)
+    da = dy @ wd.T
+    dg = da * u * sg * (1 + g * (1 - sg))
+    du = da * g * sg
+    dh = dg @ wg.T + du @ wu.T
+    return dh, weight_grad(h, dg), weight_grad(h, du), weight_grad(a, dy)
+
+
+_swiglu2.defvjp(_swiglu2_fwd, _swiglu2_bwd)
+
+
+def swiglu(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """The gated MLP down(silu(h @ gate) * (h @ up)), h [..., D], gate/up [D, F], down [F, D].
+
+    Its backward pass keeps h, the two projections and their gated product (autodiff of the
+    composition saves every intermediate, each a [rows, F] buffer per layer of the scan) and
+    recomputes the rest."""
+    dt = h.dtype
+    y = _swiglu2(h.reshape(-1, h.shape[-1]), gate.astype(dt), up.astype(dt), down.astype(dt))
+    return y.reshape(h.shape[:-1] + (down.shape[-1],))
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -73,16 +152,54 @@ def attention_mask(
     return mask & ((window <= 0) | (q - k < window))
 
 
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked, scaled scores [B,K,G,T,S] in float32 from q [B,T,K,G,H], k [B,S,K,H]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (q.shape[-1] ** -0.5)
+    return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    probs = jax.nn.softmax(_scores(q, k, mask), axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+
+
+def _gqa_fwd(q, k, v, mask):
+    scores = _scores(q, k, mask)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - peak)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskh->btkgh", (e / total).astype(v.dtype), v)
+    return out, (q, k, v, mask, out, peak + jnp.log(total))
+
+
+def _gqa_bwd(res, d_out):
+    # FlashAttention's backward without tiling: the probabilities are recomputed from q, k and the
+    # log-sum-exp instead of being kept per layer ([B, N, T, S] for every layer of the scan).
+    q, k, v, mask, out, lse = res
+    probs = jnp.exp(_scores(q, k, mask) - lse)
+    d_v = jnp.einsum("bkgts,btkgh->bskh", probs.astype(v.dtype), d_out).astype(v.dtype)
+    d_probs = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    rowdot = jnp.einsum("btkgh,btkgh->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    d_scores = probs * (d_probs - rowdot[..., None]) * (q.shape[-1] ** -0.5)
+    # [B,K,G,T,H] then one small transpose: asked for [B,T,K,G,H] directly, XLA CPU transposes the
+    # [B,K,G,T,S] d_scores instead (fused into their elementwise producer: 2% of an SFT step).
+    d_q = jnp.einsum("bkgts,bskh->bkgth", d_scores, k.astype(jnp.float32)).transpose(0, 3, 1, 2, 4).astype(q.dtype)
+    d_k = jnp.einsum("bkgts,btkgh->bskh", d_scores, q.astype(jnp.float32)).astype(k.dtype)
+    return d_q, d_k, d_v, None
+
+
+_gqa.defvjp(_gqa_fwd, _gqa_bwd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]."""
+    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H].
+
+    The backward pass keeps q, k, v, the output and the log-sum-exp, not the probabilities."""
     b, t, n, h = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = _gqa(q.reshape(b, t, kv, n // kv, h), k, v, mask)
     return out.reshape(b, t, n, h)
 
 

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sage_jax.model.layers import dense
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Params = dict[str, Any]
@@ -61,7 +63,7 @@ def apply(x: jax.Array, w: jax.Array, target: str, adapter: LoRAAdapter | None, 
           rng: jax.Array | None) -> jax.Array:
     """x @ W (+ the adapter's low-rank path); x [..., *in], W [*in, *out] for one layer."""
     n = in_ndim(target)
-    out = jnp.tensordot(x, w.astype(x.dtype), axes=n)
+    out = dense(x, w, n)
     if adapter is None:
         return out
     h = x

@@ -126,6 +126,8 @@ class DecoderLayer(nnx.Module):
         if cfg.is_moe:
             mlp = L.moe(cfg, h, self.router[...].astype(dt), self.gate_proj[...].astype(dt),
                         self.up_proj[...].astype(dt), self.down_proj[...].astype(dt))
+        elif self.lora_cfg is None or not any(t in self.lora_cfg.targets for t in ("gate_proj", "up_proj", "down_proj")):
+            mlp = L.swiglu(h, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         else:
             mlp = self.proj("down_proj", jax.nn.silu(self.proj("gate_proj", h, rng)) * self.proj("up_proj", h, rng),
                             rng)
@@ -228,6 +230,10 @@ class Decoder(nnx.Module):
 
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
+
+        if len(set(cfg.layer_windows())) == 1:  # one mask for all layers, built once: not a per-layer residual
+            one_mask = mask(jnp.int32(cfg.layer_windows()[0]))
+            mask = lambda window: one_mask  # noqa: E731
 
         def attend(q, k, v, window):  # cfg.attention_impl; the kernels need the cache-free slots
             slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots)

@@ -65,7 +65,7 @@ class TrainRunConfig:
     keep: int = 3
     log_every: int = 1
     seed: int = 0
-    vocab_chunk: int = 8192
+    vocab_chunk: int = 0  # LM-head vocabulary chunk; 0 = auto (losses.effective_vocab_chunk)
     tensorboard: bool = True
     strict_data: bool = False  # stop at the first malformed record instead of skipping it
     # Also checkpoint every new best validation loss (evaluations after step 0), keep it beyond

@@ -69,7 +69,7 @@ class StepSpec:
 
     model: ModelConfig
     lora: LoraConfig | None = None
-    vocab_chunk: int = 8192
+    vocab_chunk: int = 0  # 0 = auto (losses.effective_vocab_chunk)
 
 
 def _split(spec: StepSpec, trainable: Params, frozen: Params | None) -> tuple[Params, Params | None]:

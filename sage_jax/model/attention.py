@@ -97,7 +97,7 @@ def dot_product_attention(
     impl = resolve_impl(impl, dtype=q.dtype, head_dim=h, seq_len=t, cached=not aligned)
     if impl == "xla":
         if aligned:
-            q_slots = k_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            return L.causal_self_attention(q, k, v, q_seg, k_seg, window)
         return L.attention(q, k, v, L.attention_mask(q_slots, q_seg, k_slots, k_seg, window))
     if impl in ("cudnn", "jax_xla"):
         fn = functools.partial(_jax_nn, q, k, v, q_seg, k_seg, q_slots, k_slots,

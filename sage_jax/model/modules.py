@@ -231,7 +231,7 @@ class Decoder(nnx.Module):
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
 
-        if len(set(cfg.layer_windows())) == 1:  # one mask for all layers, built once: not a per-layer residual
+        if len(set(cfg.layer_windows())) == 1:  # one mask for all layers (shared-prefix path), built once
             one_mask = mask(jnp.int32(cfg.layer_windows()[0]))
             mask = lambda window: one_mask  # noqa: E731
 

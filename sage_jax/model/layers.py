@@ -8,6 +8,7 @@ G = N // K query heads per kv head, H head_dim, F mlp, E experts.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,21 +33,30 @@ def weight_grad(x2: jax.Array, dy2: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x2, dy2, cpu=_cpu_weight_grad, default=lambda a, b: a.T @ b)
 
 
-@jax.custom_vjp
-def _dense2(x2: jax.Array, w2: jax.Array) -> jax.Array:
-    return x2 @ w2
+def _as_matrix(w: jax.Array, n_in: int, dtype) -> jax.Array:
+    return w.astype(dtype).reshape(math.prod(w.shape[:n_in]), -1)
 
 
-def _dense2_fwd(x2, w2):
-    return x2 @ w2, (x2, w2)
+# The kernels go into the custom VJPs below as they are (no reshape or cast outside): a residual
+# that is the scan's own per-layer input is then not copied into a stacked per-layer buffer.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(n_in: int, x: jax.Array, w: jax.Array) -> jax.Array:
+    return _dense_fwd(n_in, x, w)[0]
 
 
-def _dense2_bwd(res, dy2):
-    x2, w2 = res
-    return dy2 @ w2.T, weight_grad(x2, dy2)
+def _dense_fwd(n_in, x, w):
+    y = x.reshape(-1, _as_matrix(w, n_in, x.dtype).shape[0]) @ _as_matrix(w, n_in, x.dtype)
+    return y.reshape(x.shape[: x.ndim - n_in] + w.shape[n_in:]), (x, w)
 
 
-_dense2.defvjp(_dense2_fwd, _dense2_bwd)
+def _dense_bwd(n_in, res, dy):
+    x, w = res
+    w2 = _as_matrix(w, n_in, x.dtype)
+    x2, dy2 = x.reshape(-1, w2.shape[0]), dy.reshape(-1, w2.shape[1])
+    return (dy2 @ w2.T).reshape(x.shape), weight_grad(x2, dy2).astype(w.dtype).reshape(w.shape)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -55,35 +65,39 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     Values are `jnp.tensordot`'s; the backward pass differs only in how the weight gradient is laid
     out on CPU (see `_cpu_weight_grad`). Unused weight gradients (frozen weights under LoRA)
     are removed by XLA as dead code."""
-    lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    ins = w.shape[:n_in]
     if x.shape[x.ndim - n_in:] != ins:
         raise ValueError(f"dense: input axes {x.shape[x.ndim - n_in:]} do not match the kernel's {ins}")
-    y = _dense2(x.reshape(-1, math.prod(ins)), w.astype(x.dtype).reshape(math.prod(ins), -1))
-    return y.reshape(*lead, *outs)
+    return _dense(n_in, x, w)
 
 
 @jax.custom_vjp
-def _swiglu2(h, wg, wu, wd):
-    return (jax.nn.silu(h @ wg) * (h @ wu)) @ wd
+def _swiglu(h, wg, wu, wd):
+    return _swiglu_fwd(h, wg, wu, wd)[0]
 
 
-def _swiglu2_fwd(h, wg, wu, wd):
-    g, u = h @ wg, h @ wu
+def _swiglu_fwd(h, wg, wu, wd):
+    dt = h.dtype
+    h2 = h.reshape(-1, h.shape[-1])
+    g, u = h2 @ wg.astype(dt), h2 @ wu.astype(dt)
     a = jax.nn.silu(g) * u
-    return a @ wd, (h, wg, wu, wd, g, u, a)
+    return (a @ wd.astype(dt)).reshape(h.shape[:-1] + wd.shape[-1:]), (h, wg, wu, wd, g, u, a)
 
 
-def _swiglu2_bwd(res, dy):
+def _swiglu_bwd(res, dy):
     h, wg, wu, wd, g, u, a = res
+    dt = h.dtype
+    h2, dy2 = h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])
     sg = jax.nn.sigmoid(g)
-    da = dy @ wd.T
+    da = dy2 @ wd.astype(dt).T
     dg = da * u * sg * (1 + g * (1 - sg))
     du = da * g * sg
-    dh = dg @ wg.T + du @ wu.T
-    return dh, weight_grad(h, dg), weight_grad(h, du), weight_grad(a, dy)
+    dh = dg @ wg.astype(dt).T + du @ wu.astype(dt).T
+    return (dh.reshape(h.shape), weight_grad(h2, dg).astype(wg.dtype), weight_grad(h2, du).astype(wu.dtype),
+            weight_grad(a, dy2).astype(wd.dtype))
 
 
-_swiglu2.defvjp(_swiglu2_fwd, _swiglu2_bwd)
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def swiglu(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -92,9 +106,7 @@ def swiglu(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
     Its backward pass keeps h, the two projections and their gated product (autodiff of the
     composition saves every intermediate, each a [rows, F] buffer per layer of the scan) and
     recomputes the rest."""
-    dt = h.dtype
-    y = _swiglu2(h.reshape(-1, h.shape[-1]), gate.astype(dt), up.astype(dt), down.astype(dt))
-    return y.reshape(h.shape[:-1] + (down.shape[-1],))
+    return _swiglu(h, gate, up, down)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sage_jax.model import layers as L
 from sage_jax.model.config import ModelConfig
 from sage_jax.model.params import Params
 
@@ -38,6 +39,36 @@ def effective_vocab_chunk(vocab_size: int, tokens: int, vocab_chunk: int = 0) ->
     if vocab_chunk == 0:
         vocab_chunk = vocab_size if tokens * vocab_size <= FULL_LOGITS_MAX else AUTO_CHUNK
     return min(vocab_chunk, vocab_size)
+
+
+@jax.custom_vjp
+def _whole_vocab(x2: jax.Array, w: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(target logit, log-sum-exp, hit) [N] from x2 [N, D], w [D, V], targets [N]: the LM head over
+    the whole vocabulary in one pass."""
+    return _whole_vocab_fwd(x2, w, targets)[0]
+
+
+def _whole_vocab_fwd(x2, w, targets):
+    logits = jnp.dot(x2, w, preferred_element_type=jnp.float32)
+    peak = jnp.max(logits, axis=-1)
+    lse = peak + jnp.log(jnp.sum(jnp.exp(logits - peak[:, None]), axis=-1))
+    tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return (tgt, lse, (tgt >= peak).astype(jnp.float32)), (x2, w, targets, logits, lse)
+
+
+def _whole_vocab_bwd(res, cts):
+    # d logits = d_lse * softmax + d_tgt * one-hot, in one elementwise pass (autodiff makes a
+    # one-hot, a select and a transposed copy of the [N, V] gradient). Hits carry no gradient.
+    x2, w, targets, logits, lse = res
+    d_tgt, d_lse, _ = cts
+    cols = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    d_logits = (jnp.exp(logits - lse[:, None]) * d_lse[:, None]
+                + jnp.where(cols == targets[:, None], d_tgt[:, None], 0.0))
+    d_x = jnp.dot(d_logits.astype(x2.dtype), w.T, preferred_element_type=jnp.float32).astype(x2.dtype)
+    return d_x, L.weight_grad(x2, d_logits.astype(x2.dtype)).astype(w.dtype), None
+
+
+_whole_vocab.defvjp(_whole_vocab_fwd, _whole_vocab_bwd)
 
 
 def token_logprobs(cfg: ModelConfig, params: Params, x: jax.Array, targets: jax.Array,
@@ -68,13 +99,14 @@ def token_logprobs(cfg: ModelConfig, params: Params, x: jax.Array, targets: jax.
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
         return (m_new, s, jnp.where(inside, picked, tgt)), None
 
-    init = (jnp.full((b, t), NEG, jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32))
     if n == 1:
-        (m, s, tgt), _ = body(init, (w, 0))
-    else:  # recompute each chunk's logits in the backward pass instead of storing them
-        w = w.reshape(w.shape[0], n, chunk).transpose(1, 0, 2)  # [n, D, chunk]
-        starts = jnp.arange(n, dtype=jnp.int32) * chunk
-        (m, s, tgt), _ = jax.lax.scan(jax.checkpoint(body), init, (w, starts))
+        tgt, lse, hit = _whole_vocab(x.reshape(b * t, -1), w, targets.reshape(-1))
+        return TokenStats(logp=(tgt - lse).reshape(b, t), correct=hit.reshape(b, t) > 0)
+    # Chunked: recompute each chunk's logits in the backward pass instead of storing them.
+    init = (jnp.full((b, t), NEG, jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32))
+    w = w.reshape(w.shape[0], n, chunk).transpose(1, 0, 2)  # [n, D, chunk]
+    starts = jnp.arange(n, dtype=jnp.int32) * chunk
+    (m, s, tgt), _ = jax.lax.scan(jax.checkpoint(body), init, (w, starts))
     return TokenStats(logp=tgt - (m + jnp.log(s)), correct=tgt >= m)
 
 

@@ -78,7 +78,7 @@ def _check_outputs(out, seeds, turns, k):
 
 @pytest.mark.slow
 def test_smollm2_search_4_seeds_3_turns_k4(tmp_path):
-    cfg = SearchConfig(model="smollm2", num_seeds=4, turns=3, k=4, max_new_tokens=40, user_max_new_tokens=24,
+    cfg = SearchConfig(model="smollm2", num_seeds=4, turns=3, k=4, max_new_tokens=24, user_max_new_tokens=12,
                        output_dir=str(tmp_path / "s"), batch_seeds=4)
     summary = run_search(cfg)
     assert summary["searched"] == 4

@@ -83,10 +83,14 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, template, seq_len, late
     return out
 
 
+def _built_rows(record: dict, seq_len: int) -> dict:
+    """The chosen and rejected rows of one decoded built pair record."""
+    return {s: pair_row(record[s]["tokens"], record[s]["loss_mask"], seq_len) for s in ("chosen", "rejected")}
+
+
 def _pair_dicts(records: list[dict], seq_len: int) -> list[dict]:
     """Decoded built pair records -> the pair dicts :func:`encode_pairs` makes."""
-    return [{"id": str(r["index"]), **{s: pair_row(r[s]["tokens"], r[s]["loss_mask"], seq_len)
-                                       for s in ("chosen", "rejected")}} for r in records]
+    return [{"id": str(r["index"]), **_built_rows(r, seq_len)} for r in records]
 
 
 def model_identity(model: ModelSpec, model_cfg) -> dict:
@@ -176,8 +180,7 @@ class BuiltPairs:
         return len(self.ds)
 
     def __getitem__(self, i) -> dict:
-        r = self.ds[i]
-        out = {s: pair_row(r[s]["tokens"], r[s]["loss_mask"], self.seq_len) for s in ("chosen", "rejected")}
+        out = _built_rows(self.ds[i], self.seq_len)
         if self.ref is not None:
             out["ref_chosen"], out["ref_rejected"] = np.float32(self.ref[i, 0]), np.float32(self.ref[i, 1])
         return out

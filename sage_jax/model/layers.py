@@ -45,7 +45,8 @@ def _dense(n_in: int, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _dense_fwd(n_in, x, w):
-    y = x.reshape(-1, _as_matrix(w, n_in, x.dtype).shape[0]) @ _as_matrix(w, n_in, x.dtype)
+    w2 = _as_matrix(w, n_in, x.dtype)
+    y = x.reshape(-1, w2.shape[0]) @ w2
     return y.reshape(x.shape[: x.ndim - n_in] + w.shape[n_in:]), (x, w)
 
 
@@ -173,8 +174,7 @@ def _scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    probs = jax.nn.softmax(_scores(q, k, mask), axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return _gqa_fwd(q, k, v, mask)[0]  # without a gradient XLA drops the unused log-sum-exp
 
 
 def _gqa_fwd(q, k, v, mask):

@@ -231,10 +231,6 @@ class Decoder(nnx.Module):
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
 
-        if len(set(cfg.layer_windows())) == 1:  # one mask for all layers (shared-prefix path), built once
-            one_mask = mask(jnp.int32(cfg.layer_windows()[0]))
-            mask = lambda window: one_mask  # noqa: E731
-
         def attend(q, k, v, window):  # cfg.attention_impl; the kernels need the cache-free slots
             slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots)
             return A.dot_product_attention(q, k, v, q_seg=segment_ids, k_seg=k_seg, window=window,
@@ -245,14 +241,15 @@ class Decoder(nnx.Module):
 
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
+        uniform_window = cfg.layer_windows()[0] if len(set(cfg.layer_windows())) == 1 else None
         kv = None if cache is None else (cache["k"], cache["v"])
         layer_def, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
             x, kv = carry
             state, window, i = xs
-            if len(set(cfg.layer_windows())) == 1:  # a constant: masks are loop-invariant, not per-layer residuals
-                window = jnp.int32(cfg.layer_windows()[0])
+            if uniform_window is not None:  # a constant: masks are loop-invariant, not per-layer residuals
+                window = jnp.int32(uniform_window)
             layer = nnx.merge(layer_def, state)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
 

@@ -82,6 +82,10 @@ def token_logprobs(cfg: ModelConfig, params: Params, x: jax.Array, targets: jax.
     v = cfg.vocab_size
     b, t = targets.shape
     chunk = effective_vocab_chunk(v, b * t, vocab_chunk)
+    if chunk == v:
+        tgt, lse, hit = _whole_vocab(x.reshape(b * t, -1), w, targets.reshape(-1))
+        return TokenStats(logp=(tgt - lse).reshape(b, t), correct=hit.reshape(b, t) > 0)
+    # Chunked: recompute each chunk's logits in the backward pass instead of storing them.
     n = -(-v // chunk)
     if n * chunk != v:
         w = jnp.pad(w, ((0, 0), (0, n * chunk - v)))
@@ -99,10 +103,6 @@ def token_logprobs(cfg: ModelConfig, params: Params, x: jax.Array, targets: jax.
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
         return (m_new, s, jnp.where(inside, picked, tgt)), None
 
-    if n == 1:
-        tgt, lse, hit = _whole_vocab(x.reshape(b * t, -1), w, targets.reshape(-1))
-        return TokenStats(logp=(tgt - lse).reshape(b, t), correct=hit.reshape(b, t) > 0)
-    # Chunked: recompute each chunk's logits in the backward pass instead of storing them.
     init = (jnp.full((b, t), NEG, jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32))
     w = w.reshape(w.shape[0], n, chunk).transpose(1, 0, 2)  # [n, D, chunk]
     starts = jnp.arange(n, dtype=jnp.int32) * chunk

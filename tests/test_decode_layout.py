@@ -10,9 +10,10 @@ from test_model_cache_packing import tiny
 from sage_jax import model, rollout
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "mixtral"])
 def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
-    cfg, params = tiny(family, **({"qkv_bias": True} if family == "qwen2" else {}))
+    extra = {"qwen2": {"qkv_bias": True}, "mixtral": {"num_experts": 4, "num_experts_per_tok": 2}}
+    cfg, params = tiny(family, **extra.get(family, {}))
     per = model.decode_layout(params)
     assert model.per_layer(per) is not None and len(model.per_layer(per)) == cfg.num_layers
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(3, 11), dtype=np.int32)
@@ -61,3 +62,26 @@ def test_generation_and_policy_in_the_decode_layout(tiny_dir):
         assert [g.tokens for g in b] == [g.tokens for g in a]
     with pytest.raises(ValueError, match="layout must be one of"):
         load_policy(str(tiny_dir), layout="unrolled")
+
+
+def test_fused_kernels_keep_the_mesh_axes_and_the_logits():
+    """The decode layout fuses q/k/v into [D, K, G + 2, H] and gate/up into [D, 2, F]: on a
+    data x tensor mesh each fused kernel is split over kv heads / mlp like its parts, and the
+    sharded per-layer forward equals the stacked one on one device."""
+    from sage_jax import parallel
+
+    cfg, params = tiny()
+    per_one = model.per_layer(model.decode_layout(params))[0]
+    assert set(per_one) >= {"qkv_proj", "gate_up_proj"} and not set(per_one) & {"q_proj", "k_proj", "gate_proj"}
+    assert per_one["qkv_proj"].shape == (cfg.hidden_size, cfg.num_kv_heads,
+                                         cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
+    sharded = parallel.place_params(model.param_axes(cfg), params, parallel.MeshConfig(data=4, fsdp=1, tensor=2))
+    per = model.decode_layout(sharded)
+    layer = model.per_layer(per)[0]
+    assert tuple(layer["qkv_proj"].sharding.spec)[:2] == (None, "tensor")
+    assert tuple(layer["gate_up_proj"].sharding.spec) == (None, None, "tensor")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 9), dtype=np.int32)
+    a, _ = model.forward(cfg, params, tokens)
+    with parallel.mesh_context(per):
+        b, _ = jax.jit(model.forward, static_argnums=0)(cfg, per, tokens)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ Shapes: B batch, T chunk, S cache slots, D hidden, N/K query/kv heads, H head_di
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -41,8 +42,16 @@ def _check_lora(cfg: ModelConfig, lora: LoraConfig | None) -> None:
 class DecoderLayer(nnx.Module):
     """One pre-norm decoder layer; its weights are attributes named as in the params layout."""
 
-    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, std: float, rngs: nnx.Rngs):
-        self.cfg, self.lora_cfg = cfg, lora
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, std: float, rngs: nnx.Rngs,
+                 fused: bool = False):
+        """fused: the decode layout's projections (`model.decode_layout`), one kernel for q/k/v
+        [D, K, G + 2, H] (per kv head: its G query heads, then k and v, so a split over kv heads
+        keeps each group whole) and one for gate/up [D, 2, F] (dense MLP only). At batch 1 a
+        decode step is a chain of matrix-vector products, each paying a fixed launch cost: this
+        makes 7 of them per layer 4."""
+        if fused and lora is not None:
+            raise ValueError("DecoderLayer: fused projections take no LoRA adapters (merge them first)")
+        self.cfg, self.lora_cfg, self.fused = cfg, lora, fused
         dt = cfg.param_dtype
         D, N, K, H, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                             cfg.intermediate_size, cfg.num_experts)
@@ -58,9 +67,12 @@ class DecoderLayer(nnx.Module):
             return nnx.Param(jnp.full(shape, value, dt), out_sharding=axes)
 
         self.attn_norm = const((D,), ("norm",), 1.0)
-        self.q_proj = kernel((D, N, H), ("embed", "heads", "head_dim"))
-        self.k_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.v_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
+        if fused:
+            self.qkv_proj = kernel((D, K, N // K + 2, H), ("embed", "kv_heads", None, "head_dim"))
+        else:
+            self.q_proj = kernel((D, N, H), ("embed", "heads", "head_dim"))
+            self.k_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
+            self.v_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
         self.o_proj = kernel((N, H, D), ("heads", "head_dim", "embed"))
         self.mlp_norm = const((D,), ("norm",), 1.0)
         if cfg.qkv_bias:
@@ -78,8 +90,11 @@ class DecoderLayer(nnx.Module):
             self.up_proj = kernel((E, D, F), ("expert", "embed", "mlp"))
             self.down_proj = kernel((E, F, D), ("expert", "mlp", "embed"))
         else:
-            self.gate_proj = kernel((D, F), ("embed", "mlp"))
-            self.up_proj = kernel((D, F), ("embed", "mlp"))
+            if fused:
+                self.gate_up_proj = kernel((D, 2, F), ("embed", None, "mlp"))
+            else:
+                self.gate_proj = kernel((D, F), ("embed", "mlp"))
+                self.up_proj = kernel((D, F), ("embed", "mlp"))
             self.down_proj = kernel((F, D), ("mlp", "embed"))
         if lora is not None:
             _check_lora(cfg, lora)
@@ -101,7 +116,12 @@ class DecoderLayer(nnx.Module):
         v, window)`: the attention entry point (sage_jax.model.attention); None = the XLA einsum."""
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
-        q, k, v = self.proj("q_proj", h, rng), self.proj("k_proj", h, rng), self.proj("v_proj", h, rng)
+        if self.fused:
+            qkv = L.dense(h, self.qkv_proj[...])  # [B, T, K, G + 2, H]
+            g = qkv.shape[3] - 2
+            q, k, v = qkv[:, :, :, :g].reshape(*qkv.shape[:2], -1, qkv.shape[-1]), qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        else:
+            q, k, v = self.proj("q_proj", h, rng), self.proj("k_proj", h, rng), self.proj("v_proj", h, rng)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))  # no-ops without a mesh in context
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -126,6 +146,9 @@ class DecoderLayer(nnx.Module):
         if cfg.is_moe:
             mlp = L.moe(cfg, h, self.router[...].astype(dt), self.gate_proj[...].astype(dt),
                         self.up_proj[...].astype(dt), self.down_proj[...].astype(dt))
+        elif self.fused:
+            gate_up = L.dense(h, self.gate_up_proj[...])  # [..., 2, F]
+            mlp = L.dense(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj[...])
         elif self.lora_cfg is None or not any(t in self.lora_cfg.targets for t in ("gate_proj", "up_proj", "down_proj")):
             mlp = L.swiglu(h, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         else:
@@ -165,6 +188,14 @@ def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.
     """
     rows, slots = _slots(start, chunk.shape[1])
     return buf.at[layer, rows, slots].set(chunk.astype(buf.dtype), mode="drop")
+
+
+@functools.lru_cache(maxsize=16)
+def fused_layer_def(cfg: ModelConfig) -> nnx.GraphDef:
+    """The graph of one `DecoderLayer` with fused projections (the decode layout's layers)."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())), nnx.use_eager_sharding(False):
+        layer = nnx.eval_shape(lambda: DecoderLayer(cfg, None, std=0.0, rngs=nnx.Rngs(0), fused=True))
+    return nnx.graphdef(layer)
 
 
 class Decoder(nnx.Module):
@@ -244,6 +275,8 @@ class Decoder(nnx.Module):
         uniform_window = cfg.layer_windows()[0] if len(set(cfg.layer_windows())) == 1 else None
         kv = None if cache is None else (cache["k"], cache["v"])
         layer_def, layer_state = nnx.split(self.layers)
+        if layers is not None:
+            layer_def = fused_layer_def(cfg)
 
         def body(carry, xs):
             x, kv = carry

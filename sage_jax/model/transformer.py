@@ -62,21 +62,59 @@ def decode_layout(params: Params) -> Params:
     """Params with the decoder layers as a tuple of per-layer trees (each weight its own buffer),
     for generation: `forward` then runs an unrolled loop over them instead of a scan over
     stacked weights, whose per-layer dynamic slices XLA on CPU copies (measured: a decode step at
-    batch 1 moves about twice the bytes). Made outside jit, once (it copies the weights); the
+    batch 1 moves about twice the bytes). Each layer's q/k/v kernels are fused into one
+    `qkv_proj` [D, K, G + 2, H] and a dense MLP's gate/up into one `gate_up_proj` [D, 2, F]
+    (`DecoderLayer(fused=True)`: fewer, larger matrix-vector products per step). Made outside
+    jit, once (it copies the weights; a sharded weight's fused kernel keeps its mesh axes); the
     stacked layout stays the one for training, checkpoints and HF export."""
     if per_layer(params) is not None:
         return params
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))}
+    return {**params, "layers": tuple(_fuse(jax.tree.map(lambda x, i=i: x[i], layers)) for i in range(n))}
 
 
 def stacked_layout(params: Params) -> Params:
-    """The inverse of `decode_layout`."""
+    """The inverse of `decode_layout` (exact: the fused kernels are split back)."""
     layers = per_layer(params)
     if layers is None:
         return params
-    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(_unfuse(x) for x in layers))}
+
+
+def _placed_like(x: jax.Array, like: jax.Array, spec_of) -> jax.Array:
+    """x on like's mesh, with the partition spec spec_of(like's spec) (as is off a mesh)."""
+    sharding = getattr(like, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return x
+    spec = tuple(sharding.spec) + (None,) * (like.ndim - len(sharding.spec))
+    return jax.device_put(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec_of(spec))))
+
+
+def _fuse(layer: Params) -> Params:
+    """One layer's state with q/k/v (and a dense MLP's gate/up) fused, as `DecoderLayer(fused=True)`."""
+    layer = dict(layer)
+    q, k, v = layer.pop("q_proj"), layer.pop("k_proj"), layer.pop("v_proj")
+    d, kv, h = k.shape
+    qkv = jnp.concatenate([q.reshape(d, kv, -1, h), k[:, :, None], v[:, :, None]], axis=2)
+    layer["qkv_proj"] = _placed_like(qkv, k, lambda s: (s[0], s[1], None, s[2]))
+    if "router" not in layer:  # MoE experts stay as they are
+        gate, up = layer.pop("gate_proj"), layer.pop("up_proj")
+        layer["gate_up_proj"] = _placed_like(jnp.stack([gate, up], axis=1), gate, lambda s: (s[0], None, s[1]))
+    return layer
+
+
+def _unfuse(layer: Params) -> Params:
+    """The inverse of `_fuse`."""
+    layer = dict(layer)
+    qkv = layer.pop("qkv_proj")
+    d, kv, g2, h = qkv.shape
+    layer.update(q_proj=qkv[:, :, : g2 - 2].reshape(d, kv * (g2 - 2), h), k_proj=qkv[:, :, g2 - 2],
+                 v_proj=qkv[:, :, g2 - 1])
+    if "gate_up_proj" in layer:
+        gate_up = layer.pop("gate_up_proj")
+        layer.update(gate_proj=gate_up[:, 0], up_proj=gate_up[:, 1])
+    return layer
 
 
 def per_layer(params: Params) -> tuple | None:

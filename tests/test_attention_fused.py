@@ -98,6 +98,32 @@ def test_xla_attention_equals_plain_softmax_in_values_and_grads(window, dtype, b
         _close(a, b, TOL[dtype])
 
 
+@pytest.mark.parametrize("t", [1, 6])  # a decode step, and a chunk prefilled into a cache
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_layout_equals_plain_softmax_in_values_and_grads(t, dtype):
+    """Keys/values as a KV cache's layer ([B, K, S, H], `kv_layout="bksh"`: read in place) give
+    the [B, S, K, H] einsum's attention, and the hand-written backward autodiff's gradients."""
+    from sage_jax.model import layers as L
+
+    q, k, v, cot, seg = _inputs(dtype)
+    q, cot = q[:, -t:], cot[:, -t:]
+    s = seg.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(s), seg.shape)
+    mask = L.attention_mask(slots[:, -t:], seg[:, -t:], slots, seg, jnp.int32(9))
+
+    def run(fn):
+        f = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot.astype(jnp.float32))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    ref = run(lambda q, k, v: _plain_attention(q, k, v, mask))
+    ours = run(lambda q, k, v: L.attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, kv_layout="bksh"))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        _close(a, b, TOL[dtype])
+    entry = A.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_seg=seg[:, -t:], k_seg=seg, window=9,
+                                    q_slots=slots[:, -t:], k_slots=slots, impl="jax_xla", kv_layout="bksh")
+    _close(entry, _plain_attention(q, k, v, mask), TOL[dtype])
+
+
 def test_the_oracle_sees_the_masks():
     """Guards the comparisons above: segments, window and GQA grouping each change the output."""
     q, k, v, _, seg = _inputs("float32")

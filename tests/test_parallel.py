@@ -65,7 +65,7 @@ def test_kv_cache_sharded_decode_matches():
     logits, cache = step(p, tokens[:, :5], cache)
     last, cache = step(p, tokens[:, 5:], cache)
     np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(ref[:, 5]), atol=TOL)
-    assert cache["k"].sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert cache["k"].sharding.spec == P(None, ("data", "fsdp"), "tensor", None, None)
 
 
 def test_mesh_config_errors_and_rest_axis():

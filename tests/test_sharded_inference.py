@@ -93,7 +93,7 @@ def test_greedy_generate_and_branches_equal_one_device(tiny, name):
     # Rows over the batch axes (3 prompts padded to 4 rows), the cache by its logical axes.
     batch_axes = ("data", "fsdp") if MESHES[name].fsdp > 1 else "data"
     assert state.tokens.shape[0] == 4
-    assert _spec(state.cache["k"]) == (None, batch_axes, None, "tensor")
+    assert _spec(state.cache["k"]) == (None, batch_axes, "tensor")
     assert _spec(state.cache["end"]) == (batch_axes,)
     assert _spec(state.tokens) == (batch_axes,)
 
@@ -194,7 +194,7 @@ def test_dialogue_pool_cache_is_sharded_and_equals_one_device(tiny_dir, name):
     def laid_out(rows):
         for c in (rows.cache["k"], rows.cache["v"]):
             assert isinstance(c.sharding, jax.sharding.NamedSharding)
-            assert _spec(c) == (None, batch_axes, None, "tensor"), c.sharding
+            assert _spec(c) == (None, batch_axes, "tensor"), c.sharding
         assert _spec(rows.cache["segment_ids"]) == (batch_axes,) and _spec(rows.cache["end"]) == (batch_axes,)
         assert _spec(rows.logits) == (batch_axes,)
 

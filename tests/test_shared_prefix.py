@@ -32,7 +32,7 @@ def _parents(cfg, params, lengths, sp, rng):
 
 def _copied(cache, group, base, own_len):
     """Each parent row copied to its `group` children, filled to base[b], own_len more slots."""
-    pad = ((0, 0), (0, 0), (0, own_len), (0, 0), (0, 0))
+    pad = ((0, 0), (0, 0), (0, 0), (0, own_len), (0, 0))
     return {"k": jnp.pad(jnp.repeat(cache["k"], group, axis=1), pad),
             "v": jnp.pad(jnp.repeat(cache["v"], group, axis=1), pad),
             "segment_ids": jnp.repeat(jnp.pad(cache["segment_ids"], ((0, 0), (0, own_len))), group, axis=0),
@@ -261,7 +261,7 @@ def test_prefix_shared_children_on_a_mesh_equal_one_device(tiny_dir, name):
     def check(pool):
         kids = pool.children
         for c in (kids.cache["k"], kids.cache["v"], kids.prefix.k, kids.prefix.v):
-            assert _spec(c) == (None, batch_axes, None, "tensor"), c.sharding
+            assert _spec(c) == (None, batch_axes, "tensor"), c.sharding
         assert _spec(kids.logits) == (batch_axes,)
         seen.append(kids.rows)
 
@@ -269,4 +269,4 @@ def test_prefix_shared_children_on_a_mesh_equal_one_device(tiny_dir, name):
     ref, _ = _pool_turns(_policy(tiny_dir), False, sp, turns=2, k=2)
     got, pool = _pool_turns(sharded, True, sp, turns=2, k=2, rows_check=check)
     assert got == ref and seen == [8, 8]  # 2 dialogues padded to the 4-way row split, 2 children each
-    assert _spec(pool.cache.cache["k"]) == (None, batch_axes, None, "tensor")
+    assert _spec(pool.cache.cache["k"]) == (None, batch_axes, "tensor")

@@ -76,8 +76,10 @@ def dot_product_attention(
     q_slots: jax.Array | None = None,
     k_slots: jax.Array | None = None,
     impl: str = "auto",
+    kv_layout: str = "bskh",
 ) -> jax.Array:
-    """Masked GQA attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in v's dtype.
+    """Masked GQA attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in v's dtype (k/v
+    [B,K,S,H] with kv_layout="bksh": a KV cache's layer, which only the XLA einsum reads in place).
 
     q_seg [B,T] / k_seg [B,S]: segment ids (a query sees only keys of its segment; padding is
     segment 0). q_slots [B,T] / k_slots [B,S]: slot indices for causality and the window (a KV
@@ -89,16 +91,20 @@ def dot_product_attention(
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if (q_slots is None) != (k_slots is None):
         raise ValueError("dot_product_attention: pass both q_slots and k_slots, or neither")
+    if kv_layout not in L.KV_LAYOUTS:
+        raise ValueError(f"dot_product_attention: kv_layout must be one of {L.KV_LAYOUTS}, got {kv_layout!r}")
     b, t, n, h = q.shape
-    s = k.shape[1]
+    s = k.shape[kv_layout.index("s")]
     aligned = q_slots is None
     if aligned and t != s:
         raise ValueError(f"dot_product_attention: without slots T must equal S, got T={t}, S={s}")
     impl = resolve_impl(impl, dtype=q.dtype, head_dim=h, seq_len=t, cached=not aligned)
+    if impl == "xla" and not aligned:
+        return L.attention(q, k, v, L.attention_mask(q_slots, q_seg, k_slots, k_seg, window), kv_layout)
+    if kv_layout == "bksh":  # the kernels (and the blocked self-attention) take [B, S, K, H]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if impl == "xla":
-        if aligned:
-            return L.causal_self_attention(q, k, v, q_seg, k_seg, window)
-        return L.attention(q, k, v, L.attention_mask(q_slots, q_seg, k_slots, k_seg, window))
+        return L.causal_self_attention(q, k, v, q_seg, k_seg, window)
     if impl in ("cudnn", "jax_xla"):
         fn = functools.partial(_jax_nn, q, k, v, q_seg, k_seg, q_slots, k_slots,
                                implementation="cudnn" if impl == "cudnn" else "xla")

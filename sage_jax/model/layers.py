@@ -165,53 +165,78 @@ def attention_mask(
     return mask & ((window <= 0) | (q - k < window))
 
 
-def _scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked, scaled scores [B,K,G,T,S] in float32 from q [B,T,K,G,H], k [B,S,K,H]."""
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+# Keys/values come as [B, S, K, H] (a packed row's own projections) or, from a KV cache, kv heads
+# first: [B, K, S, H] (`model.init_cache`), so the per-(row, kv head) score and value products
+# read the cache as it lies; [B, S, K, H] would be transposed every step (at batch 64 that copy
+# cost as much as the products themselves).
+KV_LAYOUTS = ("bskh", "bksh")
+
+
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, kv: str = "bskh") -> jax.Array:
+    """Masked, scaled scores [B,K,G,T,S] in float32 from q [B,T,K,G,H], k in layout `kv`."""
+    if kv == "bksh":  # per (row, kv head): k [S, H] @ q^T [H, G*T] (as q @ k^T, XLA CPU's dot is slow)
+        b, kk, s, h = k.shape
+        qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kk, -1, h)
+        st = jax.lax.dot_general(k, qt, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+        scores = st.swapaxes(2, 3).reshape(b, kk, q.shape[3], q.shape[1], s)
+    else:
+        scores = jnp.einsum(f"btkgh,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5)
     return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
 
-@jax.custom_vjp
-def _gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    return _gqa_fwd(q, k, v, mask)[0]  # without a gradient XLA drops the unused log-sum-exp
+def _weighted_values(probs: jax.Array, v: jax.Array, kv: str) -> jax.Array:
+    """sum_s probs [B,K,G,T,S] * v -> [B,T,K,G,H] in v's dtype."""
+    if kv == "bksh":  # per (row, kv head): probs [G*T, S] @ v [S, H], the query rows as M
+        b, kk, g, t, s = probs.shape
+        out = jax.lax.dot_general(probs.reshape(b, kk, g * t, s), v, (((3,), (2,)), ((0, 1), (0, 1))))
+        return out.reshape(b, kk, g, t, -1).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+    return jnp.einsum(f"bkgts,{kv}->btkgh", probs, v)
 
 
-def _gqa_fwd(q, k, v, mask):
-    scores = _scores(q, k, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gqa(kv: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    return _gqa_fwd(kv, q, k, v, mask)[0]  # without a gradient XLA drops the unused log-sum-exp
+
+
+def _gqa_fwd(kv, q, k, v, mask):
+    scores = _scores(q, k, mask, kv)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     e = jnp.exp(scores - peak)
     total = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskh->btkgh", (e / total).astype(v.dtype), v)
+    out = _weighted_values((e / total).astype(v.dtype), v, kv)
     return out, (q, k, v, mask, out, peak + jnp.log(total))
 
 
-def _gqa_bwd(res, d_out):
+def _gqa_bwd(kv, res, d_out):
     # FlashAttention's backward without tiling: the probabilities are recomputed from q, k and the
     # log-sum-exp instead of being kept per layer ([B, N, T, S] for every layer of the scan).
     q, k, v, mask, out, lse = res
-    probs = jnp.exp(_scores(q, k, mask) - lse)
-    d_v = jnp.einsum("bkgts,btkgh->bskh", probs.astype(v.dtype), d_out).astype(v.dtype)
-    d_probs = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    probs = jnp.exp(_scores(q, k, mask, kv) - lse)
+    d_v = jnp.einsum(f"bkgts,btkgh->{kv}", probs.astype(v.dtype), d_out).astype(v.dtype)
+    d_probs = jnp.einsum(f"btkgh,{kv}->bkgts", d_out, v, preferred_element_type=jnp.float32)
     rowdot = jnp.einsum("btkgh,btkgh->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_scores = probs * (d_probs - rowdot[..., None]) * (q.shape[-1] ** -0.5)
     # [B,K,G,T,H] then one small transpose: asked for [B,T,K,G,H] directly, XLA CPU transposes the
     # [B,K,G,T,S] d_scores instead (fused into their elementwise producer: 2% of an SFT step).
-    d_q = jnp.einsum("bkgts,bskh->bkgth", d_scores, k.astype(jnp.float32)).transpose(0, 3, 1, 2, 4).astype(q.dtype)
-    d_k = jnp.einsum("bkgts,btkgh->bskh", d_scores, q.astype(jnp.float32)).astype(k.dtype)
+    d_q = jnp.einsum(f"bkgts,{kv}->bkgth", d_scores, k.astype(jnp.float32)).transpose(0, 3, 1, 2, 4).astype(q.dtype)
+    d_k = jnp.einsum(f"bkgts,btkgh->{kv}", d_scores, q.astype(jnp.float32)).astype(k.dtype)
     return d_q, d_k, d_v, None
 
 
 _gqa.defvjp(_gqa_fwd, _gqa_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H].
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_layout: str = "bskh") -> jax.Array:
+    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H] ("bskh") or [B,K,S,H] ("bksh", a KV
+    cache's layer), mask [B,T,S] -> [B,T,N,H].
 
     The backward pass keeps q, k, v, the output and the log-sum-exp, not the probabilities."""
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"attention: kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     b, t, n, h = q.shape
-    kv = k.shape[2]
-    out = _gqa(q.reshape(b, t, kv, n // kv, h), k, v, mask)
+    kv = k.shape[kv_layout.index("k")]
+    out = _gqa(kv_layout, q.reshape(b, t, kv, n // kv, h), k, v, mask)
     return out.reshape(b, t, n, h)
 
 
@@ -252,25 +277,26 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
                      pmask: jax.Array) -> jax.Array:
     """Grouped-query attention over a shared prefix and each row's own keys (cascade attention).
 
-    q [B,T,N,H]; own k/v [B,S,K,H] with mask [B,T,S]; prefix pk/pv [P,Sp,K,H] with pmask [B,T,Sp],
-    shared by G = B // P consecutive rows (row b's prefix row is b // G). The prefix scores come
-    from one grouped einsum per prefix row, so the prefix is read once for its G rows and never
-    copied per row; one softmax over both key sets, then the two value sums are added (in f32).
+    q [B,T,N,H]; own k/v [B,K,S,H] with mask [B,T,S]; prefix pk/pv [P,K,Sp,H] with pmask [B,T,Sp]
+    (both KV-cache layers: kv heads first), shared by G = B // P consecutive rows (row b's prefix
+    row is b // G). The prefix scores come from one grouped einsum per prefix row, so the prefix
+    is read once for its G rows and never copied per row; one softmax over both key sets, then the
+    two value sums are added (in f32).
     """
     b, t, n, h = q.shape
-    p, sp, kv, _ = pk.shape
+    p, kv, sp, _ = pk.shape
     g, m = b // p, n // kv
     q = q.reshape(b, t, kv, m, h)
-    own = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    shared = jnp.einsum("pctkgh,pskh->pckgts", q.reshape(p, g, t, kv, m, h), pk,
+    own = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    shared = jnp.einsum("pctkgh,pksh->pckgts", q.reshape(p, g, t, kv, m, h), pk,
                         preferred_element_type=jnp.float32).reshape(b, kv, m, t, sp)
     scores = jnp.concatenate([shared, own], axis=-1) * (h**-0.5)
     full_mask = jnp.concatenate([pmask, mask], axis=-1)
     scores = jnp.where(full_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out_shared = jnp.einsum("pckgts,pskh->pctkgh", probs[..., :sp].reshape(p, g, kv, m, t, sp), pv,
+    out_shared = jnp.einsum("pckgts,pksh->pctkgh", probs[..., :sp].reshape(p, g, kv, m, t, sp), pv,
                             preferred_element_type=jnp.float32).reshape(b, t, kv, m, h)
-    out_own = jnp.einsum("bkgts,bskh->btkgh", probs[..., sp:], v, preferred_element_type=jnp.float32)
+    out_own = jnp.einsum("bkgts,bksh->btkgh", probs[..., sp:], v, preferred_element_type=jnp.float32)
     return (out_shared + out_own).astype(v.dtype).reshape(b, t, n, h)
 
 

@@ -108,12 +108,12 @@ class DecoderLayer(nnx.Module):
         r = None if rng is None else jax.random.fold_in(rng, TARGETS.index(name))
         return lora_apply(x, getattr(self, name)[...], name, adapter, self.lora_cfg, r)
 
-    def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, rng=None,
-                 prefix: tuple[jax.Array, jax.Array, Callable] | None = None, attend: Callable | None = None):
-        """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own, or the KV
-        cache after writing the chunk into it) and the updated cache. `prefix`: this layer's shared
-        prefix keys/values [P, Sp, K, H] and its mask function (`Decoder.hidden_states`). `attend(q, k,
-        v, window)`: the attention entry point (sage_jax.model.attention); None = the XLA einsum."""
+    def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, attend: Callable, rng=None,
+                 prefix: tuple[jax.Array, jax.Array, Callable] | None = None):
+        """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own [B, T, K, H],
+        or the KV cache's layer [B, K, S, H] after writing the chunk into it) and the updated
+        cache; `attend(q, k, v, window)` attends to them (sage_jax.model.attention). `prefix`: this
+        layer's shared prefix keys/values [P, K, Sp, H] and its mask function (`Decoder.hidden_states`)."""
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         if self.fused:
@@ -134,7 +134,7 @@ class DecoderLayer(nnx.Module):
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
         k_all, v_all, new_kv = keys_values(k, v)
         if prefix is None:
-            attn = L.attention(q, k_all, v_all, mask(window)) if attend is None else attend(q, k_all, v_all, window)
+            attn = attend(q, k_all, v_all, window)
         else:
             pk, pv, pmask = prefix
             attn = L.prefix_attention(q, k_all, v_all, mask(window), pk, pv, pmask(window))
@@ -180,14 +180,14 @@ def _write(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
 
 
 def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
-    """buf [L, B, S, K, H] <- chunk [B, T, K, H] at (layer, b, start[b]).
+    """buf [L, B, K, S, H] <- chunk [B, T, K, H] at (layer, b, :, start[b] + t).
 
     The whole cache is a loop carry updated in place by one scatter; writing only the new
     chunk (instead of re-stacking every layer's cache as scan outputs) keeps a decode step
     from copying the cache.
     """
     rows, slots = _slots(start, chunk.shape[1])
-    return buf.at[layer, rows, slots].set(chunk.astype(buf.dtype), mode="drop")
+    return buf.at[layer, rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
 @functools.lru_cache(maxsize=16)
@@ -229,7 +229,7 @@ class Decoder(nnx.Module):
         over stacked weights reads each layer's weights through a dynamic slice, which XLA on CPU
         copies: at batch 1 that doubles the bytes a decode step moves.
 
-        prefix (only with a cache): a read-only shared prefix, k/v [L, P, Sp, K, H] (parent rows'
+        prefix (only with a cache): a read-only shared prefix, k/v [L, P, K, Sp, H] (parent rows'
         cache arrays) and base [B] int32: row b (rows grouped parent-major, b's prefix row is
         b // (B // P)) attends to the first base[b] prefix slots and to its own cache, whose slot s
         holds position base[b] + s (the default RoPE positions). The prefix is not updated."""
@@ -248,7 +248,7 @@ class Decoder(nnx.Module):
             if positions is None:
                 positions = segment_positions(segment_ids)
         else:
-            s = cache["k"].shape[2]
+            s = cache["k"].shape[3]
             if t > s:
                 raise ValueError(f"forward: chunk of {t} tokens does not fit a KV cache of {s} slots")
             start = cache["end"]
@@ -263,12 +263,12 @@ class Decoder(nnx.Module):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
 
         def attend(q, k, v, window):  # cfg.attention_impl; the kernels need the cache-free slots
-            slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots)
+            slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots, kv_layout="bksh")
             return A.dot_product_attention(q, k, v, q_seg=segment_ids, k_seg=k_seg, window=window,
                                            windows=cfg.layer_windows(), impl=cfg.attention_impl, **slots)
 
         def prefix_mask(window):
-            return L.prefix_mask(q_slots, segment_ids, base, prefix["k"].shape[2], window)
+            return L.prefix_mask(q_slots, segment_ids, base, prefix["k"].shape[3], window)
 
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
@@ -293,7 +293,7 @@ class Decoder(nnx.Module):
                 return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
 
             shared = None if prefix is None else (prefix["k"][i].astype(dt), prefix["v"][i].astype(dt), prefix_mask)
-            return layer(x, window, cos, sin, mask, keys_values, rng, shared, attend), None
+            return layer(x, window, cos, sin, mask, keys_values, attend, rng, shared), None
 
         if cfg.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]

@@ -124,9 +124,10 @@ def per_layer(params: Params) -> tuple | None:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
-    """An empty KV cache: k/v [L, B, S, K, H], per-slot segment ids [B, S], fill level `end` [B]."""
+    """An empty KV cache: k/v [L, B, K, S, H] (kv heads before slots: a decode step's attention
+    reads each (row, kv head)'s slots as they lie), per-slot segment ids [B, S], fill level `end` [B]."""
     dt = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     cache = {
         "k": jnp.zeros(shape, dt),
         "v": jnp.zeros(shape, dt),
@@ -137,8 +138,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
 
 
 CACHE_AXES = {
-    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "length", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
     "segment_ids": ("batch", "length"),
     "end": ("batch",),
 }
@@ -188,7 +189,7 @@ def forward(
 
     tokens int32 [B, T]; positions [B, T] (default: per-segment, or continuing the cache);
     segment_ids [B, T] (default all 1; 0 marks padding, which with a cache must be at the right).
-    prefix: k/v [L, P, Sp, K, H] and base [B]: the cache's rows (P groups of B // P) continue the
+    prefix: k/v [L, P, K, Sp, H] and base [B]: the cache's rows (P groups of B // P) continue the
     first base[b] slots of prefix row b // (B // P), read in place, not copied per row.
     """
     module = decoder(cfg, params, lora=lora, adapters=adapters)

@@ -96,15 +96,15 @@ def grow(cache, *, new_len: int):
     """The cache with its length padded to new_len slots (empty, never attended), same layout."""
     pad = new_len - cache["segment_ids"].shape[1]
     return parallel.constrain_tree({
-        "k": jnp.pad(cache["k"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
-        "v": jnp.pad(cache["v"], ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+        "k": jnp.pad(cache["k"], ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))),
+        "v": jnp.pad(cache["v"], ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))),
         "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, pad))), "end": cache["end"]}, M.CACHE_AXES)
 
 
 @functools.partial(jax.jit, static_argnames=("new_len",))
 def shrink(cache, *, new_len: int):
     """The cache cut to its first new_len slots (a pool starting its next batch), same layout."""
-    return parallel.constrain_tree({"k": cache["k"][:, :, :new_len], "v": cache["v"][:, :, :new_len],
+    return parallel.constrain_tree({"k": cache["k"][:, :, :, :new_len], "v": cache["v"][:, :, :, :new_len],
                                     "segment_ids": cache["segment_ids"][:, :new_len],
                                     "end": jnp.minimum(cache["end"], new_len)}, M.CACHE_AXES)
 
@@ -140,7 +140,7 @@ def take_rows(cache, logits, idx):
 
 @jax.jit
 def take_prefix(k, v, parents):
-    """Prefix rows `parents` (k/v [L, P, Sp, K, H]): a prefix of one row per child (G = 1)."""
+    """Prefix rows `parents` (k/v [L, P, K, Sp, H]): a prefix of one row per child (G = 1)."""
     return (parallel.constrain(k[:, parents], M.CACHE_AXES["k"]),
             parallel.constrain(v[:, parents], M.CACHE_AXES["v"]))
 
@@ -156,12 +156,14 @@ def merge_rows(prefix_k, prefix_v, cache, logits, idx, parents, base, *, new_len
     """Whole-cache rows (new_len slots) from prefix-shared children: row i holds prefix row
     parents[i]'s first base[i] slots, then child idx[i]'s own slots from slot base[i] on."""
     own_end = cache["end"][idx]
-    pad = ((0, 0), (0, 0), (0, new_len - prefix_k.shape[2]), (0, 0), (0, 0))
+    pad = ((0, 0), (0, 0), (0, 0), (0, new_len - prefix_k.shape[3]), (0, 0))
     rows = jnp.arange(idx.shape[0], dtype=jnp.int32)[:, None]
-    slots = base[:, None] + jnp.arange(cache["k"].shape[2], dtype=jnp.int32)[None, :]
+    slots = base[:, None] + jnp.arange(cache["k"].shape[3], dtype=jnp.int32)[None, :]
 
     def merged(pre, own):  # slots past a row's end hold whatever: never attended
-        return jnp.pad(pre[:, parents], pad).at[:, rows, slots].set(own[:, idx].astype(pre.dtype), mode="drop")
+        # indexed by (rows, slots) the target is [B, S, L, K, H]: own's rows and slots moved first
+        own = jnp.moveaxis(own[:, idx], (1, 3), (0, 1)).astype(pre.dtype)
+        return jnp.pad(pre[:, parents], pad).at[:, rows, :, slots].set(own, mode="drop")
 
     end = base + own_end
     seg = (jnp.arange(new_len, dtype=jnp.int32)[None, :] < end[:, None]).astype(jnp.int32)
@@ -285,7 +287,7 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclasses.dataclass
 class SharedPrefix:
     """The parent rows' cache arrays a prefix-shared RowCache's rows attend to, read-only: k/v
-    [L, P, Sp, K, H]; row r's parent is row r // group (rows parent-major, R = P * group)."""
+    [L, P, K, Sp, H]; row r's parent is row r // group (rows parent-major, R = P * group)."""
 
     k: jax.Array
     v: jax.Array
@@ -388,7 +390,7 @@ class RowCache:
         parent's prefix slots, then its own (the chosen child becomes its dialogue's cache)."""
         if self.prefix is None:
             return self.take(idx)
-        sp = int(self.prefix.k.shape[2])
+        sp = int(self.prefix.k.shape[3])
         need = max(len(self.ids[i]) for i in idx)
         new_len = max(sp, min(S.bucket(need), self.limit))
         if new_len > sp:
@@ -488,7 +490,7 @@ class RowCache:
         # a row never holds more than `limit` tokens, its shared prefix included
         rows = _row_arrays(self.cfg, per_row, mx, seeds, [self.limit - b for b in self.base])
         if proc.repetition_penalty:
-            width = self.capacity + (0 if self.prefix is None else int(self.prefix.k.shape[2]))
+            width = self.capacity + (0 if self.prefix is None else int(self.prefix.k.shape[3]))
             hist = np.full((self.rows, width), -1, np.int32)
             for r in settings:
                 hist[r, : len(self.ids[r])] = self.ids[r]

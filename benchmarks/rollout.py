@@ -16,7 +16,8 @@ saw HF fall to ~1 tok/s at batch 1 with 2 threads and a load average of 5): pass
 `--torch-threads 1` there, or the ratios flatter us.
 
 Layouts: "stacked" scans over stacked layer weights (the default: quick to compile); "per-layer"
-is `model.decode_layout` (each weight its own buffer, an unrolled loop: `serve`'s default); end-to-end
+is `model.decode_layout` (each weight its own buffer, q/k/v and gate/up fused, an unrolled loop:
+`serve`'s default); end-to-end
 columns use the stacked layout. Limits (benchmarks/limits.py, measured in the same run): a decode step reads every weight once
 (fp32: 4 bytes per parameter) and does 2 FLOPs per parameter per row, so its floor is
 max(bytes / memory bandwidth, FLOPs / GEMM rate); "of limit" is the measured decode tokens/s over

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -211,8 +210,8 @@ CPU_FLOPS_ESTIMATE = 150e9  # fp32, this class of CPU host: used only where noth
 def measured_cpu_gemm_flops(n: int = 1024, repeats: int = 3) -> float:
     """This host's fp32 GEMM rate (FLOP/s, all cores): the best of a few jitted n x n x n matmuls.
     Simulated CPU devices share these cores, so this is the peak of the whole process."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x, backend="cpu")
+    a = jax.device_put(np.ones((n, n), np.float32), jax.local_devices(backend="cpu")[0])  # on the host's cores
+    f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = math.inf
     for _ in range(repeats):

@@ -172,13 +172,19 @@ def attention_mask(
 KV_LAYOUTS = ("bskh", "bksh")
 
 
+def _cache_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Raw scores [B,K,G,T,S] in float32 from q [B,T,K,G,H] and a cache layer k [B,K,S,H]: per
+    (row, kv head) k [S, H] @ q^T [H, G*T] (as q @ k^T, XLA CPU's dot is 2x slower)."""
+    b, kk, s, h = k.shape
+    qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kk, -1, h)
+    st = jax.lax.dot_general(k, qt, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+    return st.swapaxes(2, 3).reshape(b, kk, q.shape[3], q.shape[1], s)
+
+
 def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, kv: str = "bskh") -> jax.Array:
     """Masked, scaled scores [B,K,G,T,S] in float32 from q [B,T,K,G,H], k in layout `kv`."""
-    if kv == "bksh":  # per (row, kv head): k [S, H] @ q^T [H, G*T] (as q @ k^T, XLA CPU's dot is slow)
-        b, kk, s, h = k.shape
-        qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kk, -1, h)
-        st = jax.lax.dot_general(k, qt, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
-        scores = st.swapaxes(2, 3).reshape(b, kk, q.shape[3], q.shape[1], s)
+    if kv == "bksh":
+        scores = _cache_scores(q, k)
     else:
         scores = jnp.einsum(f"btkgh,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5)
@@ -287,7 +293,7 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     p, kv, sp, _ = pk.shape
     g, m = b // p, n // kv
     q = q.reshape(b, t, kv, m, h)
-    own = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    own = _cache_scores(q, k)
     shared = jnp.einsum("pctkgh,pksh->pckgts", q.reshape(p, g, t, kv, m, h), pk,
                         preferred_element_type=jnp.float32).reshape(b, kv, m, t, sp)
     scores = jnp.concatenate([shared, own], axis=-1) * (h**-0.5)

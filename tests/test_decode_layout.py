@@ -24,15 +24,23 @@ def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
     b, _ = model.forward(cfg, per, tokens, segment_ids=seg)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     step = jax.jit(model.forward, static_argnums=0)
-    caches = [model.init_cache(cfg, 3, 16), model.init_cache(cfg, 3, 16)]
+    # the stacked cache, and a per-layer one (split_cache: each layer's k/v its own buffer)
+    caches = [model.init_cache(cfg, 3, 16), model.init_cache(cfg, 3, 16), model.split_cache(model.init_cache(cfg, 3, 16))]
+    assert isinstance(caches[2]["k"], tuple) and caches[2]["k"][0].shape == caches[0]["k"].shape[1:]
     for t in range(0, 11, 4):  # chunked prefill, then one-token steps
         chunk = tokens[:, t: t + 4] if t < 8 else tokens[:, t: t + 1]
         la, caches[0] = step(cfg, params, chunk, cache=caches[0])
         lb, caches[1] = step(cfg, per, chunk, cache=caches[1])
+        lc, caches[2] = step(cfg, per, chunk, cache=caches[2])
         np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
-    for name in ("k", "v"):
-        np.testing.assert_allclose(caches[1][name], caches[0][name], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(caches[1]["end"], caches[0]["end"])
+        np.testing.assert_allclose(lc, la, rtol=1e-5, atol=1e-5)
+    caches[2] = model.stack_cache(caches[2])
+    for cache in caches[1:]:
+        for name in ("k", "v"):
+            np.testing.assert_allclose(cache[name], caches[0][name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(cache["end"], caches[0]["end"])
+    with pytest.raises(ValueError, match="per-layer KV cache"):
+        model.forward(cfg, params, tokens[:, :1], cache=model.split_cache(model.init_cache(cfg, 3, 16)))
 
 
 def test_round_trip_is_exact_and_lora_needs_the_stacked_layout():

@@ -97,6 +97,12 @@ def test_greedy_generate_and_branches_equal_one_device(tiny, name):
     assert _spec(state.cache["end"]) == (batch_axes,)
     assert _spec(state.tokens) == (batch_axes,)
 
+    # The decode layout (per-layer weights, and per-layer cache buffers inside the decode loop):
+    # the same tokens, and the cache comes back stacked with the same layout.
+    out, state = rollout.generate(cfg, model.decode_layout(sharded), prompts, sp, return_state=True)
+    assert [g.tokens for g in out] == [g.tokens for g in ref]
+    assert _spec(state.cache["k"]) == (None, batch_axes, "tensor")
+
 
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_beam_search_equals_one_device(tiny, name):

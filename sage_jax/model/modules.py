@@ -190,6 +190,31 @@ def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.
     return buf.at[layer, rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
+def _write_own(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+    """One layer's own buffer [B, K, S, H] (a per-layer cache, `split_cache`) <- chunk [B, T, K, H]
+    at (b, :, start[b] + t)."""
+    rows, slots = _slots(start, chunk.shape[1])
+    return buf.at[rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
+
+
+def split_cache(cache: Cache) -> Cache:
+    """The cache with k/v as tuples of per-layer buffers [B, K, S, H] (for the decode layout's
+    unrolled loop: a layer's attention then reads its own buffer, where a slice of the stacked
+    [L, ...] array is copied out by XLA on CPU first, every layer of every step). A copy: make it
+    once per decode loop, not per step. The inverse is `stack_cache`."""
+    if isinstance(cache["k"], tuple):
+        return cache
+    n = cache["k"].shape[0]
+    return {**cache, "k": tuple(cache["k"][i] for i in range(n)), "v": tuple(cache["v"][i] for i in range(n))}
+
+
+def stack_cache(cache: Cache) -> Cache:
+    """The inverse of `split_cache` (as is for a stacked cache)."""
+    if not isinstance(cache["k"], tuple):
+        return cache
+    return {**cache, "k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])}
+
+
 @functools.lru_cache(maxsize=16)
 def fused_layer_def(cfg: ModelConfig) -> nnx.GraphDef:
     """The graph of one `DecoderLayer` with fused projections (the decode layout's layers)."""
@@ -248,7 +273,7 @@ class Decoder(nnx.Module):
             if positions is None:
                 positions = segment_positions(segment_ids)
         else:
-            s = cache["k"].shape[3]
+            s = cache["segment_ids"].shape[1]
             if t > s:
                 raise ValueError(f"forward: chunk of {t} tokens does not fit a KV cache of {s} slots")
             start = cache["end"]
@@ -274,6 +299,9 @@ class Decoder(nnx.Module):
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
         uniform_window = cfg.layer_windows()[0] if len(set(cfg.layer_windows())) == 1 else None
         kv = None if cache is None else (cache["k"], cache["v"])
+        own_buffers = kv is not None and isinstance(kv[0], tuple)  # a per-layer cache (split_cache)
+        if own_buffers and layers is None:
+            raise ValueError("forward: a per-layer KV cache (split_cache) needs params in the decode layout")
         layer_def, layer_state = nnx.split(self.layers)
         if layers is not None:
             layer_def = fused_layer_def(cfg)
@@ -289,6 +317,9 @@ class Decoder(nnx.Module):
             def keys_values(k, v):
                 if kv is None:
                     return k, v, None
+                if own_buffers:  # i is a Python int (the unrolled loop)
+                    ck, cv = _write_own(kv[0][i], k, start), _write_own(kv[1][i], v, start)
+                    return ck.astype(dt), cv.astype(dt), tuple(b[:i] + (new,) + b[i + 1:] for b, new in zip(kv, (ck, cv)))
                 ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
                 return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
 

@@ -21,12 +21,13 @@ from flax import nnx
 from sage_jax import parallel
 from sage_jax.model.config import ModelConfig
 from sage_jax.model.lora import LoraConfig, with_adapters
-from sage_jax.model.modules import Cache, Decoder, segment_positions
+from sage_jax.model.modules import Cache, Decoder, segment_positions, split_cache, stack_cache
 
 Params = dict
 
 __all__ = ["CACHE_AXES", "Cache", "abstract_module", "decode_layout", "decoder", "forward", "graphdef",
-           "hidden_states", "init_cache", "lm_head", "per_layer", "segment_positions", "stacked_layout"]
+           "hidden_states", "init_cache", "lm_head", "per_layer", "segment_positions", "split_cache", "stack_cache",
+           "stacked_layout"]
 
 
 @functools.lru_cache(maxsize=64)

@@ -262,12 +262,15 @@ def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState, pref
     """Decode until every row is done (stop token, its max_new_tokens, or a full cache). prefix: a
     read-only shared prefix the cache's rows continue (`model.forward`'s), not donated."""
     n = state.tokens.shape[1]
-    state = dataclasses.replace(state, done=state.done | (state.max_new <= 0))
-    return jax.lax.while_loop(
+    split = M.per_layer(params) is not None  # the decode layout: each layer's cache its own buffer too
+    cache = M.split_cache(state.cache) if split else state.cache
+    state = dataclasses.replace(state, cache=cache, done=state.done | (state.max_new <= 0))
+    state = jax.lax.while_loop(
         lambda st: jnp.any(~st.done) & (st.step < n),
         functools.partial(_decode_step, cfg, proc, params, prefix),
         state,
     )
+    return dataclasses.replace(state, cache=M.stack_cache(state.cache)) if split else state
 
 
 # ---------------------------------------------------------------------------------------------

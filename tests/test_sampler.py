@@ -308,3 +308,16 @@ def test_sampling_params_presets_and_validation():
     cfg, params = tiny()
     with pytest.raises(ValueError, match="empty"):
         S.generate(cfg, params, [[]], p)
+
+
+def test_greedy_argmax_equals_jnp_argmax_on_ties_infs_and_nans():
+    from sage_jax.rollout.sampling import argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, size=(9, 40)).astype(np.float32)  # many ties: the first maximum wins
+    x[1] = -np.inf  # a fully masked row
+    x[2, 7] = np.inf
+    x[3, [5, 30]] = np.nan  # the first NaN, as jnp.argmax
+    x[4, :] = np.nan
+    x[5, -1] = 10.0
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(x))), np.asarray(jnp.argmax(x, axis=-1)))

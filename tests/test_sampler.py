@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from hf_oracle import CASES, make_hf_model
 from sage_jax import model, rollout
 from sage_jax.rollout import sampler as S
-from sage_jax.rollout.sampling import Processing, SamplingParams, processed_probs, update_presence
+from sage_jax.rollout.sampling import Processing, SamplingParams, argmax, processed_probs, update_presence
 
 GREEDY = SamplingParams.greedy_params
 
@@ -311,8 +311,6 @@ def test_sampling_params_presets_and_validation():
 
 
 def test_greedy_argmax_equals_jnp_argmax_on_ties_infs_and_nans():
-    from sage_jax.rollout.sampling import argmax
-
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 3, size=(9, 40)).astype(np.float32)  # many ties: the first maximum wins
     x[1] = -np.inf  # a fully masked row

@@ -179,22 +179,17 @@ def _write(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
     return buf.at[rows, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
-def _write_layer(buf: jax.Array, chunk: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
-    """buf [L, B, K, S, H] <- chunk [B, T, K, H] at (layer, b, :, start[b] + t).
+def _write_layer(buf: jax.Array, chunk: jax.Array, layer: int | jax.Array | None, start: jax.Array) -> jax.Array:
+    """buf [L, B, K, S, H] <- chunk [B, T, K, H] at (layer, b, :, start[b] + t); with layer None,
+    buf is one layer's own buffer [B, K, S, H] (a per-layer cache, `split_cache`).
 
     The whole cache is a loop carry updated in place by one scatter; writing only the new
     chunk (instead of re-stacking every layer's cache as scan outputs) keeps a decode step
     from copying the cache.
     """
     rows, slots = _slots(start, chunk.shape[1])
-    return buf.at[layer, rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
-
-
-def _write_own(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
-    """One layer's own buffer [B, K, S, H] (a per-layer cache, `split_cache`) <- chunk [B, T, K, H]
-    at (b, :, start[b] + t)."""
-    rows, slots = _slots(start, chunk.shape[1])
-    return buf.at[rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
+    index = (rows, slice(None), slots) if layer is None else (layer, rows, slice(None), slots)
+    return buf.at[index].set(chunk.astype(buf.dtype), mode="drop")
 
 
 def split_cache(cache: Cache) -> Cache:
@@ -318,7 +313,7 @@ class Decoder(nnx.Module):
                 if kv is None:
                     return k, v, None
                 if own_buffers:  # i is a Python int (the unrolled loop)
-                    ck, cv = _write_own(kv[0][i], k, start), _write_own(kv[1][i], v, start)
+                    ck, cv = _write_layer(kv[0][i], k, None, start), _write_layer(kv[1][i], v, None, start)
                     return ck.astype(dt), cv.astype(dt), tuple(b[:i] + (new,) + b[i + 1:] for b, new in zip(kv, (ck, cv)))
                 ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
                 return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)

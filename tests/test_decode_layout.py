@@ -73,21 +73,24 @@ def test_generation_and_policy_in_the_decode_layout(tiny_dir):
 
 
 def test_fused_kernels_keep_the_mesh_axes_and_the_logits():
-    """The decode layout fuses q/k/v into [D, K, G + 2, H] and gate/up into [D, 2, F]: on a
-    data x tensor mesh each fused kernel is split over kv heads / mlp like its parts, and the
-    sharded per-layer forward equals the stacked one on one device."""
+    """The decode layout fuses q/k/v into an output-major [K, G + 2, H, D] and gate/up into
+    [D, 2, F], and stores down_proj output-major [D, F]: on a data x tensor mesh each kernel is
+    split over kv heads / mlp like its parts, and the sharded per-layer forward equals the
+    stacked one on one device."""
     from sage_jax import parallel
 
     cfg, params = tiny()
     per_one = model.per_layer(model.decode_layout(params))[0]
     assert set(per_one) >= {"qkv_proj", "gate_up_proj"} and not set(per_one) & {"q_proj", "k_proj", "gate_proj"}
-    assert per_one["qkv_proj"].shape == (cfg.hidden_size, cfg.num_kv_heads,
-                                         cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
+    assert per_one["qkv_proj"].shape == (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim,
+                                         cfg.hidden_size)
+    assert per_one["down_proj"].shape == (cfg.hidden_size, cfg.intermediate_size)
     sharded = parallel.place_params(model.param_axes(cfg), params, parallel.MeshConfig(data=4, fsdp=1, tensor=2))
     per = model.decode_layout(sharded)
     layer = model.per_layer(per)[0]
-    assert tuple(layer["qkv_proj"].sharding.spec)[:2] == (None, "tensor")
+    assert tuple(layer["qkv_proj"].sharding.spec)[:1] == ("tensor",)
     assert tuple(layer["gate_up_proj"].sharding.spec) == (None, None, "tensor")
+    assert tuple(layer["down_proj"].sharding.spec) == (None, "tensor")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 9), dtype=np.int32)
     a, _ = model.forward(cfg, params, tokens)
     with parallel.mesh_context(per):

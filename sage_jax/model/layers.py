@@ -72,6 +72,16 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     return _dense(n_in, x, w)
 
 
+def dense_output_major(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [*out, D]^T: a kernel stored output-major (the decode layout's, inference
+    only: no custom gradient)."""
+    d = x.shape[-1]
+    if w.shape[-1] != d:
+        raise ValueError(f"dense_output_major: input axis {d} does not match the kernel's {w.shape[-1]}")
+    y = jax.lax.dot_general(x.reshape(-1, d), w.reshape(-1, d).astype(x.dtype), (((1,), (1,)), ((), ())))
+    return y.reshape(x.shape[:-1] + w.shape[:-1])
+
+
 @jax.custom_vjp
 def _swiglu(h, wg, wu, wd):
     return _swiglu_fwd(h, wg, wu, wd)[0]

@@ -64,8 +64,9 @@ def decode_layout(params: Params) -> Params:
     for generation: `forward` then runs an unrolled loop over them instead of a scan over
     stacked weights, whose per-layer dynamic slices XLA on CPU copies (measured: a decode step at
     batch 1 moves about twice the bytes). Each layer's q/k/v kernels are fused into one
-    `qkv_proj` [D, K, G + 2, H] and a dense MLP's gate/up into one `gate_up_proj` [D, 2, F]
-    (`DecoderLayer(fused=True)`: fewer, larger matrix-vector products per step). Made outside
+    output-major `qkv_proj` [K, G + 2, H, D] and a dense MLP's gate/up into one `gate_up_proj`
+    [D, 2, F], its down_proj stored output-major [D, F] (`DecoderLayer(fused=True)`: fewer,
+    larger matrix-vector products per step, in the layouts XLA CPU streams fastest). Made outside
     jit, once (it copies the weights; a sharded weight's fused kernel keeps its mesh axes); the
     stacked layout stays the one for training, checkpoints and HF export."""
     if per_layer(params) is not None:
@@ -98,23 +99,24 @@ def _fuse(layer: Params) -> Params:
     q, k, v = layer.pop("q_proj"), layer.pop("k_proj"), layer.pop("v_proj")
     d, kv, h = k.shape
     qkv = jnp.concatenate([q.reshape(d, kv, -1, h), k[:, :, None], v[:, :, None]], axis=2)
-    layer["qkv_proj"] = _placed_like(qkv, k, lambda s: (s[0], s[1], None, s[2]))
+    layer["qkv_proj"] = _placed_like(qkv.transpose(1, 2, 3, 0), k, lambda s: (s[1], None, s[2], s[0]))
     if "router" not in layer:  # MoE experts stay as they are
-        gate, up = layer.pop("gate_proj"), layer.pop("up_proj")
+        gate, up, down = layer.pop("gate_proj"), layer.pop("up_proj"), layer.pop("down_proj")
         layer["gate_up_proj"] = _placed_like(jnp.stack([gate, up], axis=1), gate, lambda s: (s[0], None, s[1]))
+        layer["down_proj"] = _placed_like(down.T, down, lambda s: (s[1], s[0]))
     return layer
 
 
 def _unfuse(layer: Params) -> Params:
     """The inverse of `_fuse`."""
     layer = dict(layer)
-    qkv = layer.pop("qkv_proj")
+    qkv = layer.pop("qkv_proj").transpose(3, 0, 1, 2)
     d, kv, g2, h = qkv.shape
     layer.update(q_proj=qkv[:, :, : g2 - 2].reshape(d, kv * (g2 - 2), h), k_proj=qkv[:, :, g2 - 2],
                  v_proj=qkv[:, :, g2 - 1])
     if "gate_up_proj" in layer:
         gate_up = layer.pop("gate_up_proj")
-        layer.update(gate_proj=gate_up[:, 0], up_proj=gate_up[:, 1])
+        layer.update(gate_proj=gate_up[:, 0], up_proj=gate_up[:, 1], down_proj=layer["down_proj"].T)
     return layer
 
 

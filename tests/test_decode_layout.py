@@ -24,17 +24,20 @@ def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
     b, _ = model.forward(cfg, per, tokens, segment_ids=seg)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     step = jax.jit(model.forward, static_argnums=0)
-    # the stacked cache, and a per-layer one (split_cache: each layer's k/v its own buffer)
-    caches = [model.init_cache(cfg, 3, 16), model.init_cache(cfg, 3, 16), model.split_cache(model.init_cache(cfg, 3, 16))]
+    # the stacked cache, and per-layer ones (split_cache: each layer's k/v its own buffer; with
+    # transpose_keys its keys [B, K, H, S] under "kt")
+    caches = [model.init_cache(cfg, 3, 16), model.init_cache(cfg, 3, 16), model.split_cache(model.init_cache(cfg, 3, 16)),
+              model.split_cache(model.init_cache(cfg, 3, 16), transpose_keys=True)]
     assert isinstance(caches[2]["k"], tuple) and caches[2]["k"][0].shape == caches[0]["k"].shape[1:]
+    b_, k_, s_, h_ = caches[0]["k"].shape[1:]
+    assert "k" not in caches[3] and caches[3]["kt"][0].shape == (b_, k_, h_, s_)
     for t in range(0, 11, 4):  # chunked prefill, then one-token steps
         chunk = tokens[:, t: t + 4] if t < 8 else tokens[:, t: t + 1]
         la, caches[0] = step(cfg, params, chunk, cache=caches[0])
-        lb, caches[1] = step(cfg, per, chunk, cache=caches[1])
-        lc, caches[2] = step(cfg, per, chunk, cache=caches[2])
-        np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(lc, la, rtol=1e-5, atol=1e-5)
-    caches[2] = model.stack_cache(caches[2])
+        for i in (1, 2, 3):
+            lb, caches[i] = step(cfg, per, chunk, cache=caches[i])
+            np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+    caches[2], caches[3] = model.stack_cache(caches[2]), model.stack_cache(caches[3])
     for cache in caches[1:]:
         for name in ("k", "v"):
             np.testing.assert_allclose(cache[name], caches[0][name], rtol=1e-5, atol=1e-5)
@@ -65,9 +68,10 @@ def test_generation_and_policy_in_the_decode_layout(tiny_dir):
     assert model.per_layer(stacked.params) is None and model.per_layer(per.params) is not None
     prompts = [stacked.encode_chat([{"role": "user", "content": t}]) for t in ("hello there", "I lost my keys")]
     for sp in (rollout.SamplingParams.greedy_params(12), rollout.SamplingParams(temperature=1.0, max_new_tokens=12)):
-        a = rollout.generate(stacked.cfg, stacked.params, prompts, sp, seed=3)
-        b = rollout.generate(per.cfg, per.params, prompts, sp, seed=3)
-        assert [g.tokens for g in b] == [g.tokens for g in a]
+        for rows in (prompts, prompts * 8):  # 16 rows: the decode loop stores the keys transposed
+            a = rollout.generate(stacked.cfg, stacked.params, rows, sp, seed=3)
+            b = rollout.generate(per.cfg, per.params, rows, sp, seed=3)
+            assert [g.tokens for g in b] == [g.tokens for g in a]
     with pytest.raises(ValueError, match="layout must be one of"):
         load_policy(str(tiny_dir), layout="unrolled")
 

@@ -102,6 +102,11 @@ def test_greedy_generate_and_branches_equal_one_device(tiny, name):
     out, state = rollout.generate(cfg, model.decode_layout(sharded), prompts, sp, return_state=True)
     assert [g.tokens for g in out] == [g.tokens for g in ref]
     assert _spec(state.cache["k"]) == (None, batch_axes, "tensor")
+    # From 16 rows the decode loop stores each layer's keys transposed: the same tokens.
+    many = (prompts * 6)[:16]
+    out, state = rollout.generate(cfg, model.decode_layout(sharded), many, sp, return_state=True)
+    assert [g.tokens for g in out] == [g.tokens for g in rollout.generate(cfg, params, many, sp)]
+    assert _spec(state.cache["k"]) == (None, batch_axes, "tensor")
 
 
 @pytest.mark.parametrize("name", sorted(MESHES))

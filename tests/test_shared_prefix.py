@@ -50,10 +50,12 @@ def _chunk(rng, vocab, lengths, width):
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("bases", ["full", "mixed"])
-def test_prefix_shared_rows_equal_rows_on_a_copied_cache(family, bases):
+@pytest.mark.parametrize("own_cache", ["stacked", "per_layer_transposed_keys"])
+def test_prefix_shared_rows_equal_rows_on_a_copied_cache(family, bases, own_cache):
     """P=2 parents, G=3 children each: a T>1 chunk prefilled onto the own caches, then token by token
     decode; logits equal the children on full copies of their parents' caches (the mistral config
-    has a sliding window of 5, which cuts into the prefix)."""
+    has a sliding window of 5, which cuts into the prefix). The own caches are stacked, or (the
+    decode layout at large batch) per-layer buffers with the keys stored [B, K, H, S]."""
     cfg, params = tiny(family)
     rng = np.random.default_rng(0)
     lengths, sp, g, own = [9, 12], 16, 3, 16
@@ -61,10 +63,13 @@ def test_prefix_shared_rows_equal_rows_on_a_copied_cache(family, bases):
     base = [lengths[b // g] for b in range(2 * g)] if bases == "full" else [9, 4, 0, 12, 7, 1]
     prefix = {"k": pcache["k"], "v": pcache["v"], "base": jnp.asarray(base, jnp.int32)}
     shared = model.init_cache(cfg, 2 * g, own)
+    shared_params = params
+    if own_cache != "stacked":
+        shared, shared_params = model.split_cache(shared, transpose_keys=True), model.decode_layout(params)
     copied = _copied(pcache, g, base, own)
     step = jax.jit(model.forward, static_argnums=0)
     toks, seg = _chunk(rng, cfg.vocab_size, [5, 3, 6, 1, 4, 2], 6)
-    a, shared = step(cfg, params, toks, segment_ids=seg, cache=shared, prefix=prefix)
+    a, shared = step(cfg, shared_params, toks, segment_ids=seg, cache=shared, prefix=prefix)
     b, copied = step(cfg, params, toks, segment_ids=seg, cache=copied)
     real = seg.astype(bool)
     np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=TOL, rtol=TOL)
@@ -72,13 +77,13 @@ def test_prefix_shared_rows_equal_rows_on_a_copied_cache(family, bases):
     np.testing.assert_array_equal(copied["end"], np.asarray(base) + seg.sum(1))
     for _ in range(4):
         nxt = rng.integers(0, cfg.vocab_size, (2 * g, 1)).astype(np.int32)
-        a, shared = step(cfg, params, nxt, cache=shared, prefix=prefix)
+        a, shared = step(cfg, shared_params, nxt, cache=shared, prefix=prefix)
         b, copied = step(cfg, params, nxt, cache=copied)
         np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
     # explicit positions (base + own slot) are the default
     pos = np.asarray(base)[:, None] + np.asarray(shared["end"])[:, None]
-    c, _ = step(cfg, params, nxt, positions=pos, cache=shared, prefix=prefix)
-    d, _ = step(cfg, params, nxt, cache=shared, prefix=prefix)
+    c, _ = step(cfg, shared_params, nxt, positions=pos, cache=shared, prefix=prefix)
+    d, _ = step(cfg, shared_params, nxt, cache=shared, prefix=prefix)
     np.testing.assert_array_equal(c, d)
 
 

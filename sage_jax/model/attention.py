@@ -79,7 +79,8 @@ def dot_product_attention(
     kv_layout: str = "bskh",
 ) -> jax.Array:
     """Masked GQA attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in v's dtype (k/v
-    [B,K,S,H] with kv_layout="bksh": a KV cache's layer, which only the XLA einsum reads in place).
+    [B,K,S,H] with kv_layout="bksh": a KV cache's layer, which only the XLA einsum reads in place;
+    "bkhs": its keys transposed, k [B,K,H,S]).
 
     q_seg [B,T] / k_seg [B,S]: segment ids (a query sees only keys of its segment; padding is
     segment 0). q_slots [B,T] / k_slots [B,S]: slot indices for causality and the window (a KV
@@ -103,6 +104,8 @@ def dot_product_attention(
         return L.attention(q, k, v, L.attention_mask(q_slots, q_seg, k_slots, k_seg, window), kv_layout)
     if kv_layout == "bksh":  # the kernels (and the blocked self-attention) take [B, S, K, H]
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    elif kv_layout == "bkhs":
+        k, v = k.transpose(0, 3, 1, 2), v.swapaxes(1, 2)
     if impl == "xla":
         return L.causal_self_attention(q, k, v, q_seg, k_seg, window)
     if impl in ("cudnn", "jax_xla"):

@@ -178,23 +178,38 @@ def attention_mask(
 # Keys/values come as [B, S, K, H] (a packed row's own projections) or, from a KV cache, kv heads
 # first: [B, K, S, H] (`model.init_cache`), so the per-(row, kv head) score and value products
 # read the cache as it lies; [B, S, K, H] would be transposed every step (at batch 64 that copy
-# cost as much as the products themselves).
-KV_LAYOUTS = ("bskh", "bksh")
+# cost as much as the products themselves). "bkhs": a per-layer cache whose keys are stored
+# transposed, k [B, K, H, S] (`model.split_cache(transpose_keys=True)`), v still [B, K, S, H].
+KV_LAYOUTS = ("bskh", "bksh", "bkhs")
 
 
-def _cache_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+def _v_layout(kv: str) -> str:
+    return "bksh" if kv == "bkhs" else kv
+
+
+def _cache_scores(q: jax.Array, k: jax.Array, kv: str = "bksh") -> jax.Array:
     """Raw scores [B,K,G,T,S] in float32 from q [B,T,K,G,H] and a cache layer k [B,K,S,H]: per
-    (row, kv head) k [S, H] @ q^T [H, G*T] (as q @ k^T, XLA CPU's dot is 2x slower)."""
-    b, kk, s, h = k.shape
-    qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kk, -1, h)
+    (row, kv head) k [S, H] @ q^T [H, G*T] (as q @ k^T, XLA CPU's dot is 2x slower).
+
+    With keys stored transposed (kv "bkhs", k [B,K,H,S]) the sum over H is a multiply-reduce
+    along the keys' outer axis, each step a contiguous row of S: at batch 64 XLA CPU runs it in
+    0.7 ms per layer (S=128; 3.2 ms at S=512), where the per-(row, kv head) products of the
+    [B,K,S,H] cache take 1.7 ms (9.5 ms). With few rows it has too little to split over threads
+    (batch 1: 0.13 vs 0.02 ms), which is why only large batches store their keys so."""
+    b, kk = k.shape[:2]
+    h, s = (k.shape[2], k.shape[3]) if kv == "bkhs" else (k.shape[3], k.shape[2])
+    qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kk, -1, h)  # [B, K, G*T, H]
+    if kv == "bkhs":
+        st = jnp.sum(k[:, :, None].astype(jnp.float32) * qt[..., None].astype(jnp.float32), axis=3)
+        return st.reshape(b, kk, q.shape[3], q.shape[1], s)
     st = jax.lax.dot_general(k, qt, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
     return st.swapaxes(2, 3).reshape(b, kk, q.shape[3], q.shape[1], s)
 
 
 def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, kv: str = "bskh") -> jax.Array:
     """Masked, scaled scores [B,K,G,T,S] in float32 from q [B,T,K,G,H], k in layout `kv`."""
-    if kv == "bksh":
-        scores = _cache_scores(q, k)
+    if kv in ("bksh", "bkhs"):
+        scores = _cache_scores(q, k, kv)
     else:
         scores = jnp.einsum(f"btkgh,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5)
@@ -203,6 +218,7 @@ def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, kv: str = "bskh") -> ja
 
 def _weighted_values(probs: jax.Array, v: jax.Array, kv: str) -> jax.Array:
     """sum_s probs [B,K,G,T,S] * v -> [B,T,K,G,H] in v's dtype."""
+    kv = _v_layout(kv)
     if kv == "bksh":  # per (row, kv head): probs [G*T, S] @ v [S, H], the query rows as M
         b, kk, g, t, s = probs.shape
         out = jax.lax.dot_general(probs.reshape(b, kk, g * t, s), v, (((3,), (2,)), ((0, 1), (0, 1))))
@@ -229,8 +245,8 @@ def _gqa_bwd(kv, res, d_out):
     # log-sum-exp instead of being kept per layer ([B, N, T, S] for every layer of the scan).
     q, k, v, mask, out, lse = res
     probs = jnp.exp(_scores(q, k, mask, kv) - lse)
-    d_v = jnp.einsum(f"bkgts,btkgh->{kv}", probs.astype(v.dtype), d_out).astype(v.dtype)
-    d_probs = jnp.einsum(f"btkgh,{kv}->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    d_v = jnp.einsum(f"bkgts,btkgh->{_v_layout(kv)}", probs.astype(v.dtype), d_out).astype(v.dtype)
+    d_probs = jnp.einsum(f"btkgh,{_v_layout(kv)}->bkgts", d_out, v, preferred_element_type=jnp.float32)
     rowdot = jnp.einsum("btkgh,btkgh->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_scores = probs * (d_probs - rowdot[..., None]) * (q.shape[-1] ** -0.5)
     # [B,K,G,T,H] then one small transpose: asked for [B,T,K,G,H] directly, XLA CPU transposes the
@@ -245,7 +261,7 @@ _gqa.defvjp(_gqa_fwd, _gqa_bwd)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_layout: str = "bskh") -> jax.Array:
     """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H] ("bskh") or [B,K,S,H] ("bksh", a KV
-    cache's layer), mask [B,T,S] -> [B,T,N,H].
+    cache's layer; "bkhs": its keys transposed, k [B,K,H,S]), mask [B,T,S] -> [B,T,N,H].
 
     The backward pass keeps q, k, v, the output and the log-sum-exp, not the probabilities."""
     if kv_layout not in KV_LAYOUTS:
@@ -290,10 +306,11 @@ def prefix_mask(q_slots: jax.Array, q_seg: jax.Array, base: jax.Array, sp: int, 
 
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, pk: jax.Array, pv: jax.Array,
-                     pmask: jax.Array) -> jax.Array:
+                     pmask: jax.Array, kv_layout: str = "bksh") -> jax.Array:
     """Grouped-query attention over a shared prefix and each row's own keys (cascade attention).
 
-    q [B,T,N,H]; own k/v [B,K,S,H] with mask [B,T,S]; prefix pk/pv [P,K,Sp,H] with pmask [B,T,Sp]
+    q [B,T,N,H]; own k/v [B,K,S,H] (k [B,K,H,S] with kv_layout "bkhs") with mask [B,T,S];
+    prefix pk/pv [P,K,Sp,H] with pmask [B,T,Sp]
     (both KV-cache layers: kv heads first), shared by G = B // P consecutive rows (row b's prefix
     row is b // G). The prefix scores come from one grouped einsum per prefix row, so the prefix
     is read once for its G rows and never copied per row; one softmax over both key sets, then the
@@ -303,7 +320,7 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     p, kv, sp, _ = pk.shape
     g, m = b // p, n // kv
     q = q.reshape(b, t, kv, m, h)
-    own = _cache_scores(q, k)
+    own = _cache_scores(q, k, kv_layout)
     shared = jnp.einsum("pctkgh,pksh->pckgts", q.reshape(p, g, t, kv, m, h), pk,
                         preferred_element_type=jnp.float32).reshape(b, kv, m, t, sp)
     scores = jnp.concatenate([shared, own], axis=-1) * (h**-0.5)

@@ -112,11 +112,13 @@ class DecoderLayer(nnx.Module):
         return lora_apply(x, getattr(self, name)[...], name, adapter, self.lora_cfg, r)
 
     def __call__(self, x, window, cos, sin, mask: Callable, keys_values: Callable, attend: Callable, rng=None,
-                 prefix: tuple[jax.Array, jax.Array, Callable] | None = None):
+                 prefix: tuple[jax.Array, jax.Array, Callable, str] | None = None):
         """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own [B, T, K, H],
-        or the KV cache's layer [B, K, S, H] after writing the chunk into it) and the updated
+        or the KV cache's layer [B, K, S, H], its keys [B, K, H, S] if stored transposed, after
+        writing the chunk into it) and the updated
         cache; `attend(q, k, v, window)` attends to them (sage_jax.model.attention). `prefix`: this
-        layer's shared prefix keys/values [P, K, Sp, H] and its mask function (`Decoder.hidden_states`)."""
+        layer's shared prefix keys/values [P, K, Sp, H], its mask function and the layout of the
+        layer's own keys (`Decoder.hidden_states`)."""
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         if self.fused:
@@ -139,8 +141,8 @@ class DecoderLayer(nnx.Module):
         if prefix is None:
             attn = attend(q, k_all, v_all, window)
         else:
-            pk, pv, pmask = prefix
-            attn = L.prefix_attention(q, k_all, v_all, mask(window), pk, pv, pmask(window))
+            pk, pv, pmask, kv_layout = prefix
+            attn = L.prefix_attention(q, k_all, v_all, mask(window), pk, pv, pmask(window), kv_layout)
         out = self.proj("o_proj", attn, rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
@@ -182,9 +184,11 @@ def _write(buf: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
     return buf.at[rows, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
-def _write_layer(buf: jax.Array, chunk: jax.Array, layer: int | jax.Array | None, start: jax.Array) -> jax.Array:
+def _write_layer(buf: jax.Array, chunk: jax.Array, layer: int | jax.Array | None, start: jax.Array,
+                 transposed: bool = False) -> jax.Array:
     """buf [L, B, K, S, H] <- chunk [B, T, K, H] at (layer, b, :, start[b] + t); with layer None,
-    buf is one layer's own buffer [B, K, S, H] (a per-layer cache, `split_cache`).
+    buf is one layer's own buffer [B, K, S, H] (a per-layer cache, `split_cache`), or with
+    `transposed` its keys [B, K, H, S].
 
     The whole cache is a loop carry updated in place by one scatter; writing only the new
     chunk (instead of re-stacking every layer's cache as scan outputs) keeps a decode step
@@ -196,26 +200,39 @@ def _write_layer(buf: jax.Array, chunk: jax.Array, layer: int | jax.Array | None
         # write becomes a dynamic-update-slice, which XLA CPU fuses twice (into the new cache
         # and into the attention's view of it), copying the layer's cache 4 times per step.
         heads = jnp.arange(chunk.shape[2], dtype=jnp.int32)[None, :, None]
-        return buf.at[rows[:, None], heads, slots[:, None]].set(chunk.swapaxes(1, 2).astype(buf.dtype), mode="drop")
+        index = (rows[:, None], heads, slice(None), slots[:, None]) if transposed else (rows[:, None], heads, slots[:, None])
+        return buf.at[index].set(chunk.swapaxes(1, 2).astype(buf.dtype), mode="drop")
     return buf.at[layer, rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
 
 
-def split_cache(cache: Cache) -> Cache:
+def split_cache(cache: Cache, transpose_keys: bool = False) -> Cache:
     """The cache with k/v as tuples of per-layer buffers [B, K, S, H] (for the decode layout's
     unrolled loop: a layer's attention then reads its own buffer, where a slice of the stacked
     [L, ...] array is copied out by XLA on CPU first, every layer of every step). A copy: make it
-    once per decode loop, not per step. The inverse is `stack_cache`."""
-    if isinstance(cache["k"], tuple):
+    once per decode loop, not per step. The inverse is `stack_cache`.
+
+    transpose_keys: store the keys as [B, K, H, S] under "kt" (instead of "k"), whose scores
+    are a multiply-reduce that XLA CPU runs faster at large batch (see `layers._cache_scores`)."""
+    if is_per_layer(cache):
         return cache
     n = cache["k"].shape[0]
-    return {**cache, "k": tuple(cache["k"][i] for i in range(n)), "v": tuple(cache["v"][i] for i in range(n))}
+    keys = tuple(cache["k"][i].swapaxes(2, 3) if transpose_keys else cache["k"][i] for i in range(n))
+    rest = {name: x for name, x in cache.items() if name != "k"}
+    return {**rest, "kt" if transpose_keys else "k": keys, "v": tuple(cache["v"][i] for i in range(n))}
 
 
 def stack_cache(cache: Cache) -> Cache:
     """The inverse of `split_cache` (as is for a stacked cache)."""
-    if not isinstance(cache["k"], tuple):
+    if not is_per_layer(cache):
         return cache
-    return {**cache, "k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"])}
+    keys = [x.swapaxes(2, 3) for x in cache["kt"]] if "kt" in cache else cache["k"]
+    rest = {name: x for name, x in cache.items() if name not in ("k", "kt")}
+    return {**rest, "k": jnp.stack(keys), "v": jnp.stack(cache["v"])}
+
+
+def is_per_layer(cache: Cache) -> bool:
+    """Whether a cache holds per-layer buffers (`split_cache`)."""
+    return isinstance(cache["v"], tuple)
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,11 +304,13 @@ class Decoder(nnx.Module):
                 positions = q_slots if base is None else base[:, None] + q_slots
         cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rope, cfg.head_dim))
 
+        kv_layout = "bkhs" if cache is not None and "kt" in cache else "bksh"
+
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
 
         def attend(q, k, v, window):  # cfg.attention_impl; the kernels need the cache-free slots
-            slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots, kv_layout="bksh")
+            slots = {} if cache is None else dict(q_slots=q_slots, k_slots=k_slots, kv_layout=kv_layout)
             return A.dot_product_attention(q, k, v, q_seg=segment_ids, k_seg=k_seg, window=window,
                                            windows=cfg.layer_windows(), impl=cfg.attention_impl, **slots)
 
@@ -301,8 +320,9 @@ class Decoder(nnx.Module):
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
         uniform_window = cfg.layer_windows()[0] if len(set(cfg.layer_windows())) == 1 else None
-        kv = None if cache is None else (cache["k"], cache["v"])
-        own_buffers = kv is not None and isinstance(kv[0], tuple)  # a per-layer cache (split_cache)
+        keys_t = cache is not None and "kt" in cache  # per-layer keys stored [B, K, H, S]
+        kv = None if cache is None else (cache["kt" if keys_t else "k"], cache["v"])
+        own_buffers = kv is not None and is_per_layer(cache)  # a per-layer cache (split_cache)
         if own_buffers and layers is None:
             raise ValueError("forward: a per-layer KV cache (split_cache) needs params in the decode layout")
         layer_def, layer_state = nnx.split(self.layers)
@@ -321,12 +341,13 @@ class Decoder(nnx.Module):
                 if kv is None:
                     return k, v, None
                 if own_buffers:  # i is a Python int (the unrolled loop)
-                    ck, cv = _write_layer(kv[0][i], k, None, start), _write_layer(kv[1][i], v, None, start)
+                    ck, cv = _write_layer(kv[0][i], k, None, start, keys_t), _write_layer(kv[1][i], v, None, start)
                     return ck.astype(dt), cv.astype(dt), tuple(b[:i] + (new,) + b[i + 1:] for b, new in zip(kv, (ck, cv)))
                 ck, cv = _write_layer(kv[0], k, i, start), _write_layer(kv[1], v, i, start)
                 return ck[i].astype(dt), cv[i].astype(dt), (ck, cv)
 
-            shared = None if prefix is None else (prefix["k"][i].astype(dt), prefix["v"][i].astype(dt), prefix_mask)
+            shared = None if prefix is None else (prefix["k"][i].astype(dt), prefix["v"][i].astype(dt), prefix_mask,
+                                                  kv_layout)
             return layer(x, window, cos, sin, mask, keys_values, attend, rng, shared), None
 
         if cfg.remat != "none":
@@ -346,7 +367,7 @@ class Decoder(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = {
-                "k": new_kv[0],
+                "kt" if keys_t else "k": new_kv[0],
                 "v": new_kv[1],
                 "segment_ids": k_seg,
                 "end": start + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),

@@ -26,8 +26,8 @@ def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
     step = jax.jit(model.forward, static_argnums=0)
     # the stacked cache, and per-layer ones (split_cache: each layer's k/v its own buffer; with
     # transpose_keys its keys [B, K, H, S] under "kt")
-    caches = [model.init_cache(cfg, 3, 16), model.init_cache(cfg, 3, 16), model.split_cache(model.init_cache(cfg, 3, 16)),
-              model.split_cache(model.init_cache(cfg, 3, 16), transpose_keys=True)]
+    caches = [model.init_cache(cfg, 3, 16) for _ in range(4)]
+    caches[2], caches[3] = model.split_cache(caches[2]), model.split_cache(caches[3], transpose_keys=True)
     assert isinstance(caches[2]["k"], tuple) and caches[2]["k"][0].shape == caches[0]["k"].shape[1:]
     b_, k_, s_, h_ = caches[0]["k"].shape[1:]
     assert "k" not in caches[3] and caches[3]["kt"][0].shape == (b_, k_, h_, s_)

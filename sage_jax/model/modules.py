@@ -115,10 +115,10 @@ class DecoderLayer(nnx.Module):
                  prefix: tuple[jax.Array, jax.Array, Callable, str] | None = None):
         """`keys_values(k, v)` returns the keys/values to attend to (the chunk's own [B, T, K, H],
         or the KV cache's layer [B, K, S, H], its keys [B, K, H, S] if stored transposed, after
-        writing the chunk into it) and the updated
-        cache; `attend(q, k, v, window)` attends to them (sage_jax.model.attention). `prefix`: this
-        layer's shared prefix keys/values [P, K, Sp, H], its mask function and the layout of the
-        layer's own keys (`Decoder.hidden_states`)."""
+        writing the chunk into it) and the updated cache; `attend(q, k, v, window)` attends to
+        them (sage_jax.model.attention). `prefix`: this layer's shared prefix keys/values
+        [P, K, Sp, H], its mask function and the layout of the layer's own keys
+        (`Decoder.hidden_states`)."""
         cfg, dt = self.cfg, x.dtype
         h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
         if self.fused:
@@ -200,7 +200,7 @@ def _write_layer(buf: jax.Array, chunk: jax.Array, layer: int | jax.Array | None
         # write becomes a dynamic-update-slice, which XLA CPU fuses twice (into the new cache
         # and into the attention's view of it), copying the layer's cache 4 times per step.
         heads = jnp.arange(chunk.shape[2], dtype=jnp.int32)[None, :, None]
-        index = (rows[:, None], heads, slice(None), slots[:, None]) if transposed else (rows[:, None], heads, slots[:, None])
+        index = (rows[:, None], heads) + ((slice(None), slots[:, None]) if transposed else (slots[:, None],))
         return buf.at[index].set(chunk.swapaxes(1, 2).astype(buf.dtype), mode="drop")
     return buf.at[layer, rows, :, slots].set(chunk.astype(buf.dtype), mode="drop")
 
@@ -304,7 +304,8 @@ class Decoder(nnx.Module):
                 positions = q_slots if base is None else base[:, None] + q_slots
         cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(cfg.rope, cfg.head_dim))
 
-        kv_layout = "bkhs" if cache is not None and "kt" in cache else "bksh"
+        keys_t = cache is not None and "kt" in cache  # per-layer keys stored [B, K, H, S] (split_cache)
+        kv_layout = "bkhs" if keys_t else "bksh"
 
         def mask(window):
             return L.attention_mask(q_slots, segment_ids, k_slots, k_seg, window)
@@ -320,7 +321,6 @@ class Decoder(nnx.Module):
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
         uniform_window = cfg.layer_windows()[0] if len(set(cfg.layer_windows())) == 1 else None
-        keys_t = cache is not None and "kt" in cache  # per-layer keys stored [B, K, H, S]
         kv = None if cache is None else (cache["kt" if keys_t else "k"], cache["v"])
         own_buffers = kv is not None and is_per_layer(cache)  # a per-layer cache (split_cache)
         if own_buffers and layers is None:

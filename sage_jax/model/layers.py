@@ -310,10 +310,10 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     """Grouped-query attention over a shared prefix and each row's own keys (cascade attention).
 
     q [B,T,N,H]; own k/v [B,K,S,H] (k [B,K,H,S] with kv_layout "bkhs") with mask [B,T,S];
-    prefix pk/pv [P,K,Sp,H] with pmask [B,T,Sp] (both KV-cache layers: kv heads first), shared by G = B // P consecutive rows (row b's prefix
-    row is b // G). The prefix scores come from one grouped einsum per prefix row, so the prefix
-    is read once for its G rows and never copied per row; one softmax over both key sets, then the
-    two value sums are added (in f32).
+    prefix pk/pv [P,K,Sp,H] with pmask [B,T,Sp] (both KV-cache layers: kv heads first), shared
+    by G = B // P consecutive rows (row b's prefix row is b // G). The prefix scores come from one
+    grouped einsum per prefix row, so the prefix is read once for its G rows and never copied per
+    row; one softmax over both key sets, then the two value sums are added (in f32).
     """
     b, t, n, h = q.shape
     p, kv, sp, _ = pk.shape

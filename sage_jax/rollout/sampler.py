@@ -50,6 +50,10 @@ from sage_jax.rollout.sampling import (
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
 REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
 MAX_STOP_IDS = 8
+# From this many rows the decode loop stores each layer's keys transposed, for the faster
+# multiply-reduce scores (`model.split_cache`; measured at batch 64: 160-167 vs 195-200 ms per
+# step; batch 1 is faster without).
+TRANSPOSED_KEYS_MIN_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +267,8 @@ def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState, pref
     read-only shared prefix the cache's rows continue (`model.forward`'s), not donated."""
     n = state.tokens.shape[1]
     split = M.per_layer(params) is not None  # the decode layout: each layer's cache its own buffer too
-    # From 16 rows on the keys are stored transposed, for the faster multiply-reduce scores
-    # (measured at batch 64: 160-167 vs 195-200 ms per step; batch 1 is faster without).
-    cache = M.split_cache(state.cache, transpose_keys=state.tokens.shape[0] >= 16) if split else state.cache
+    transpose_keys = state.tokens.shape[0] >= TRANSPOSED_KEYS_MIN_ROWS
+    cache = M.split_cache(state.cache, transpose_keys=transpose_keys) if split else state.cache
     state = dataclasses.replace(state, cache=cache, done=state.done | (state.max_new <= 0))
     state = jax.lax.while_loop(
         lambda st: jnp.any(~st.done) & (st.step < n),

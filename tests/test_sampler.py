@@ -163,6 +163,35 @@ def test_processed_distribution_equals_hf(name):
     np.testing.assert_array_equal(np.asarray(ours) > 0, theirs > 0)  # the same support
 
 
+def test_nucleus_among_candidates_equals_the_full_sort():
+    """Top-p without top-k looks for the nucleus among the largest logits first (`nucleus`, here
+    16 of 200): peaked rows are covered by them, a flat row sends the batch to the full sort,
+    and a row with top_p 1 keeps everything. Each way the kept set and the processed logits
+    are HF's (`TopPLogitsWarper`)."""
+    from sage_jax.rollout.sampling import nucleus
+
+    rng = np.random.default_rng(5)
+    peaked = (rng.normal(size=(3, 200)) * 6).astype(np.float32)
+    flat = (rng.normal(size=(1, 200)) * 0.3).astype(np.float32)
+
+    def top16_mass(row):
+        p = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        return np.sort(p)[::-1][:16].sum()
+
+    # which path runs: every peaked row's 16 largest hold its top_p; the flat row's do not
+    assert min(top16_mass(r) for r in peaked) > 0.95 and top16_mass(flat[0]) < 0.9
+    for logits, top_p in ((peaked, (0.9, 0.6, 0.95)),  # among the candidates
+                          (np.concatenate([peaked, flat]), (0.9, 0.6, 0.95, 0.9)),  # the full sort
+                          (peaked, (0.9, 1.0, 0.6))):  # a row keeping everything
+        ours = np.asarray(jax.jit(nucleus, static_argnums=2)(jnp.asarray(logits), jnp.asarray(top_p), 16))
+        for row, p in enumerate(top_p):
+            expected = logits[row] if p >= 1.0 else TopPLogitsWarper(p)(
+                None, torch.tensor(logits[row: row + 1])).numpy()[0]
+            np.testing.assert_array_equal(np.isfinite(ours[row]), np.isfinite(expected))
+            np.testing.assert_array_equal(ours[row][np.isfinite(ours[row])], expected[np.isfinite(expected)])
+    assert np.isfinite(ours[1]).all() and np.isfinite(ours[0]).sum() < 16
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sampled_first_token_frequencies(name):
     """4096 first tokens (K continuations of one prompt) against the exact processed softmax.

@@ -13,7 +13,9 @@ repetition penalty -> temperature -> top-k -> top-p -> sample (or argmax when gr
   top token always kept). HF's rule "remove tokens whose ascending cumulative mass <= 1 - top_p"
   is the same set as "keep tokens whose descending exclusive cumulative mass < top_p".
   With top-k on, top-p runs on the k survivors only (what HF computes, since the others are -inf),
-  which avoids sorting the vocabulary; without top-k it sorts the full row.
+  which avoids sorting the vocabulary. Without top-k the nucleus is looked for among the
+  `NUCLEUS_CANDIDATES` largest logits first, and the full row is sorted only when some row's
+  candidates hold less than its top_p mass (`nucleus`).
 
 Per-row values (temperature, top_p, penalty) are arrays so rows of one batch may differ; which
 processors run at all (`Processing`) is static, part of the jit cache key.
@@ -28,6 +30,10 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+# Top-p without top-k: candidates taken by `lax.top_k` before the full sort is needed. Over
+# [64, 49152] logits on a 2-core CPU: top_k(256) 18 ms, the full argsort 1.09 s (of a ~250 ms
+# decode step). A language model's nucleus at top_p <= 0.95 rarely holds more than 256 tokens.
+NUCLEUS_CANDIDATES = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,13 +185,46 @@ def process_logits(
         if proc.top_p:
             logits = jnp.where(top_p_keep_sorted(logits, top_p), logits, NEG_INF)
     elif proc.top_p:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        keep_sorted = top_p_keep_sorted(sorted_logits, top_p)
-        rows = jnp.arange(logits.shape[0])[:, None]
-        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)
-        logits = jnp.where(keep, logits, NEG_INF)
+        logits = nucleus(logits, top_p)
     return logits, ids
+
+
+def _nucleus_sorted(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    order = jnp.argsort(-logits, axis=-1)  # stable: ties in index order
+    keep_sorted = top_p_keep_sorted(jnp.take_along_axis(logits, order, axis=-1), top_p)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    keep = jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def nucleus(logits: jax.Array, top_p: jax.Array, candidates: int = NUCLEUS_CANDIDATES) -> jax.Array:
+    """logits [B, V] with everything outside each row's top-p nucleus set to -inf.
+
+    The nucleus is a prefix of the row sorted in descending order, so when the `candidates`
+    largest logits (`lax.top_k`: descending, ties in index order like the stable sort) hold at
+    least top_p of the row's probability, the tokens after them are all removed and the nucleus
+    is found among them (probabilities normalized over the whole row). Otherwise, in any row,
+    the batch takes the full sort (`lax.cond`): the same set either way. Rows with top_p >= 1
+    keep every token (HF skips the warper there)."""
+    b, v = logits.shape
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32).reshape(-1), (b,))
+    whole = (top_p >= 1.0)[:, None]
+    if candidates >= v:
+        return jnp.where(whole, logits, _nucleus_sorted(logits, top_p))
+    # The barrier keeps top_k XLA CPU's TopK kernel: with the cond below reading its output
+    # directly, XLA lowers it to a sort of the whole row (measured: 1.4 s instead of 17 ms).
+    top, ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, candidates))
+    probs = jnp.exp(top - top[:, :1]) / jnp.sum(jnp.exp(logits - top[:, :1]), axis=-1, keepdims=True)
+    inclusive = jnp.cumsum(probs, axis=-1)
+    keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
+
+    def among_candidates(logits):
+        rows = jnp.arange(b)[:, None]
+        return jnp.full_like(logits, NEG_INF).at[rows, ids].set(jnp.where(keep, top, NEG_INF))
+
+    covered = jnp.all((inclusive[:, -1:] >= top_p[:, None]) | whole)
+    kept = jax.lax.cond(covered, among_candidates, lambda x: _nucleus_sorted(x, top_p), logits)
+    return jnp.where(whole, logits, kept)
 
 
 def argmax(x: jax.Array) -> jax.Array:

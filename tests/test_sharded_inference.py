@@ -151,13 +151,22 @@ def _files(out: Path) -> dict[str, str]:
     return {n: (out / f"{n}.jsonl").read_text() for n in ("trees", "sft", "trajectories", "pairs")}
 
 
-@pytest.mark.parametrize("name", sorted(MESHES))
-def test_greedy_search_on_mesh_equals_one_device(tiny_dir, tmp_path, name):
+@pytest.fixture(scope="module")
+def one_device_search(tiny_dir, tmp_path_factory) -> dict[str, str]:
+    """The greedy search's output files on one device: the reference every mesh is compared to."""
     from sage_jax.search.tree import run_search
 
-    run_search(_search_cfg(tiny_dir, tmp_path / "one"))
+    out = tmp_path_factory.mktemp("one_device_search")
+    run_search(_search_cfg(tiny_dir, out))
+    return _files(out)
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_greedy_search_on_mesh_equals_one_device(tiny_dir, tmp_path, name, one_device_search):
+    from sage_jax.search.tree import run_search
+
     run_search(_search_cfg(tiny_dir, tmp_path / "mesh", mesh=MESHES[name]))
-    one, mesh = _files(tmp_path / "one"), _files(tmp_path / "mesh")
+    one, mesh = one_device_search, _files(tmp_path / "mesh")
     trees = [json.loads(x) for x in one["trees"].splitlines()]
     assert [t["id"] for t in trees] == [seed_id(x) for x in read_seeds(sample_path("ed_test_seeds.txt"), limit=3)]
     assert all(len(n["candidates"]) == 4 for t in trees for n in t["nodes"])

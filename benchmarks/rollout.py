@@ -113,7 +113,9 @@ def main(argv=None) -> int:
         return [corpus[s: s + length] for s in starts]
 
     from sage_jax.rollout import sampler as S
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
+
+    from benchmarks.stamps import Stamps
 
     def ours(prompts, n, k=1, sp=None):
         sp = sp or rollout.SamplingParams.greedy_params(n, min_new_tokens=n)
@@ -140,14 +142,6 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t
         assert int(st.length[0]) == n
         return dt
-
-    class Stamps(LogitsProcessor):
-        def __init__(self):
-            self.t = []
-
-        def __call__(self, input_ids, scores):
-            self.t.append(time.perf_counter())
-            return scores
 
     def theirs(prompts, n, stamps=None):
         ids = torch.tensor(prompts, dtype=torch.long)

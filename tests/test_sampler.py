@@ -164,26 +164,31 @@ def test_processed_distribution_equals_hf(name):
 
 
 def test_nucleus_among_candidates_equals_the_full_sort():
-    """Top-p without top-k looks for the nucleus among the largest logits first (`nucleus`, here
-    16 of 200): peaked rows are covered by them, a flat row sends the batch to the full sort,
-    and a row with top_p 1 keeps everything. Each way the kept set and the processed logits
-    are HF's (`TopPLogitsWarper`)."""
+    """Top-p without top-k looks for the nucleus among the largest logits first, in tiers
+    (`nucleus`, here 16 and then 64 of 200): peaked rows are covered by the first tier, a
+    wider row sends the batch to the second, a flat row to the full sort, and a row with top_p 1
+    keeps everything. Each way the kept set and the processed logits are HF's
+    (`TopPLogitsWarper`)."""
     from sage_jax.rollout.sampling import nucleus
 
     rng = np.random.default_rng(5)
     peaked = (rng.normal(size=(3, 200)) * 6).astype(np.float32)
+    wider = (np.random.default_rng(7).normal(size=(1, 200)) * 3).astype(np.float32)
     flat = (rng.normal(size=(1, 200)) * 0.3).astype(np.float32)
 
-    def top16_mass(row):
+    def mass(row, k):  # of the k largest
         p = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
-        return np.sort(p)[::-1][:16].sum()
+        return np.sort(p)[::-1][:k].sum()
 
-    # which path runs: every peaked row's 16 largest hold its top_p; the flat row's do not
-    assert min(top16_mass(r) for r in peaked) > 0.95 and top16_mass(flat[0]) < 0.9
-    for logits, top_p in ((peaked, (0.9, 0.6, 0.95)),  # among the candidates
-                          (np.concatenate([peaked, flat]), (0.9, 0.6, 0.95, 0.9)),  # the full sort
+    # which path runs: every peaked row's 16 largest hold its top_p; the wider row's 64 largest
+    # (but not its 16) hold 0.95; the flat row's 64 largest do not hold 0.9
+    assert min(mass(r, 16) for r in peaked) > 0.95 and mass(wider[0], 16) < 0.95 < mass(wider[0], 64)
+    assert mass(flat[0], 64) < 0.9
+    for logits, top_p in ((peaked, (0.9, 0.6, 0.95)),  # among the first tier
+                          (np.concatenate([peaked, wider]), (0.9, 0.6, 0.95, 0.95)),  # the second tier
+                          (np.concatenate([peaked, wider, flat]), (0.9, 0.6, 0.95, 0.95, 0.9)),  # the full sort
                           (peaked, (0.9, 1.0, 0.6))):  # a row keeping everything
-        ours = np.asarray(jax.jit(nucleus, static_argnums=2)(jnp.asarray(logits), jnp.asarray(top_p), 16))
+        ours = np.asarray(jax.jit(nucleus, static_argnums=2)(jnp.asarray(logits), jnp.asarray(top_p), (16, 64)))
         for row, p in enumerate(top_p):
             expected = logits[row] if p >= 1.0 else TopPLogitsWarper(p)(
                 None, torch.tensor(logits[row: row + 1])).numpy()[0]

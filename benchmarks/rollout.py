@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.limits import decode_floor_s, gemm_rate, memory_bandwidth  # noqa: E402
 from benchmarks.llama_server import llama_cpp_server  # noqa: E402
+from benchmarks.prompts import text_prompts  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,14 +104,7 @@ def main(argv=None) -> int:
     print(f"# measured: fp32 GEMM rate {gemm / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"{n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.0f} MB fp32)")
 
-    text = ("I lost my job last week and I have been feeling anxious about money and about telling my "
-            "family. Every morning I wake up early and cannot get back to sleep. ") * 64
-    corpus = tok(text)["input_ids"]
-    rng = np.random.default_rng(0)
-
-    def prompts_of(b, length):
-        starts = rng.integers(0, len(corpus) - length, size=b)
-        return [corpus[s: s + length] for s in starts]
+    prompts_of = text_prompts(tok, np.random.default_rng(0))
 
     from sage_jax.rollout import sampler as S
     from transformers import LogitsProcessorList

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
+    from benchmarks.prompts import text_prompts
     from benchmarks.stamps import Stamps
 
     from sage_jax import model, rollout
@@ -74,11 +75,7 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}; SmolLM2-135M fp32, batch {b}, prompt {args.prompt_len}, "
           f"{n} new tokens, median of {args.repeats}; nucleus tiers {NUCLEUS_CANDIDATES}")
 
-    text = ("I lost my job last week and I have been feeling anxious about money and about telling my "
-            "family. Every morning I wake up early and cannot get back to sleep. ") * 64
-    corpus = tok(text)["input_ids"]
-    starts = np.random.default_rng(0).integers(0, len(corpus) - args.prompt_len, size=b)
-    prompts = [corpus[s: s + args.prompt_len] for s in starts]
+    prompts = text_prompts(tok, np.random.default_rng(0))(b, args.prompt_len)
     toks, lens = S._pad_rows(prompts, S.bucket(b), S.bucket(args.prompt_len, 16))
     cache_len, new_len = toks.shape[1] + S.bucket(n, 16), S.bucket(n, 16)
 

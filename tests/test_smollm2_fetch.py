@@ -173,6 +173,37 @@ def test_second_fetch_is_a_cache_hit(smollm2_dir, capsys):
     assert "converting" not in capsys.readouterr().err
 
 
+def test_concurrent_fetches_convert_once(tmp_path, monkeypatch):
+    """Two fetches at once (two test workers, two hosts on one disk): one converts, the other waits
+    and takes its directory, which is never moved aside under the first one's readers."""
+    import threading
+
+    calls, active, peak = [], [0], [0]
+
+    def slow_convert(gguf_path, out_dir):  # a conversion that takes a while: long enough to overlap
+        calls.append(out_dir)
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.5)
+        out_dir.mkdir(parents=True)
+        (out_dir / "a.bin").write_bytes(b"1234")
+        (out_dir / MANIFEST).write_text(json.dumps(
+            {"converter_version": smollm2.CONVERTER_VERSION, "files": {"a.bin": 4}}))
+        active[0] -= 1
+        return out_dir
+
+    monkeypatch.setattr(smollm2, "convert_gguf_to_hf", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch_smollm2(cache_dir=tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = tmp_path / "models" / smollm2.MODEL_NAME
+    assert results == [out, out]
+    assert len(calls) == 1 and peak[0] == 1
+
+
 def test_is_complete_checks_manifest(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"1234")
     manifest = {"converter_version": smollm2.CONVERTER_VERSION, "files": {"a.bin": 4}}

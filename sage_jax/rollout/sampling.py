@@ -15,7 +15,8 @@ repetition penalty -> temperature -> top-k -> top-p -> sample (or argmax when gr
   With top-k on, top-p runs on the k survivors only (what HF computes, since the others are -inf),
   which avoids sorting the vocabulary. Without top-k the nucleus is looked for among the
   largest logits first, in widening tiers (`NUCLEUS_CANDIDATES`), and the full row is sorted
-  only when some row's largest tier holds less than its top_p mass (`nucleus`).
+  only when some row's largest tier holds less than its top_p mass (`nucleus`); the sampler then
+  draws among those sorted candidates by inverse CDF (`nucleus_sample`) instead of over all V.
 
 Per-row values (temperature, top_p, penalty) are arrays so rows of one batch may differ; which
 processors run at all (`Processing`) is static, part of the jit cache key.
@@ -233,6 +234,61 @@ def _nucleus_tiers(logits: jax.Array, top_p: jax.Array, whole: jax.Array, tiers:
 
     covered = jnp.all((inclusive[:, -1:] >= top_p[:, None]) | whole)
     return jax.lax.cond(covered, among_candidates, lambda x: _nucleus_tiers(x, top_p, whole, tiers[1:]), logits)
+
+
+def nucleus_sample(logits: jax.Array, top_p: jax.Array, keys: jax.Array,
+                   candidates: Sequence[int] = NUCLEUS_CANDIDATES) -> jax.Array:
+    """One token per row [B] drawn from softmax(nucleus(logits, top_p)) (keys [B]), without
+    building the masked [B, V] row: by inverse CDF inside the tier of candidates that `nucleus`
+    would use (u ~ U[0, 1) per row, the first kept token whose cumulative mass exceeds u times the
+    nucleus mass). The candidates are the sorted prefix of the row whichever tier (or the full
+    sort) runs, so a row's token depends on its key and logits only, not on which tier its batch
+    needed. A draw over the whole vocabulary (Gumbel noise for all V logits, ~100 ms of a batch-64
+    step) is left to rows with top_p >= 1, which keep every token (`jax.random.categorical`)."""
+    b, v = logits.shape
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32).reshape(-1), (b,))
+    whole = top_p >= 1.0
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+    tok = _nucleus_sample_tiers(logits, top_p, whole[:, None], u, tuple(k for k in candidates if k < v))
+    full = jax.lax.cond(jnp.any(whole), lambda x: jax.vmap(jax.random.categorical)(keys, x),
+                        lambda x: jnp.zeros((b,), jnp.int32), logits)
+    return jnp.where(whole, full, tok).astype(jnp.int32)
+
+
+def _inverse_cdf(probs: jax.Array, inclusive: jax.Array, keep: jax.Array, u: jax.Array) -> jax.Array:
+    """Index [B] into sorted candidates: the first kept one whose inclusive mass exceeds u times
+    the kept mass (keep is a prefix; the last kept one absorbs rounding)."""
+    target = u * jnp.sum(jnp.where(keep, probs, 0.0), axis=-1)
+    below = jnp.sum(keep & (inclusive <= target[:, None]), axis=-1)
+    return jnp.minimum(below, jnp.sum(keep, axis=-1) - 1)
+
+
+def _nucleus_sample_tiers(logits, top_p, whole, u, tiers: tuple[int, ...]) -> jax.Array:
+    """`nucleus_sample` for rows with top_p < 1, tier by tier as `_nucleus_tiers`."""
+    rows = jnp.arange(logits.shape[0])
+    if not tiers:
+        order = jnp.argsort(-logits, axis=-1)  # stable: ties in index order, as top_k
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        inclusive = jnp.cumsum(probs, axis=-1)
+        keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
+        return order[rows, _inverse_cdf(probs, inclusive, keep, u)]
+    top, ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, tiers[0]))  # see _nucleus_tiers
+    probs = jnp.exp(top - top[:, :1]) / jnp.sum(jnp.exp(logits - top[:, :1]), axis=-1, keepdims=True)
+    inclusive = jnp.cumsum(probs, axis=-1)
+    keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
+    covered = jnp.all((inclusive[:, -1:] >= top_p[:, None]) | whole)
+    return jax.lax.cond(covered, lambda x: ids[rows, _inverse_cdf(probs, inclusive, keep, u)],
+                        lambda x: _nucleus_sample_tiers(x, top_p, whole, u, tiers[1:]), logits)
+
+
+def sample(proc: Processing, logits: jax.Array, keys: jax.Array, **kw) -> jax.Array:
+    """One token per row [B]: `process_logits(proc, logits, **kw)` and then `choose`; top-p
+    without top-k draws inside the nucleus's candidates (`nucleus_sample`) instead."""
+    if proc.top_p and not proc.top_k and not proc.greedy:
+        scaled, _ = process_logits(proc._replace(top_p=False), logits, **kw)
+        return nucleus_sample(scaled, kw["top_p"], keys)
+    processed, ids = process_logits(proc, logits, **kw)
+    return choose(proc, processed, ids, keys)
 
 
 def argmax(x: jax.Array) -> jax.Array:

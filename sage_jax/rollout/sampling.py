@@ -221,19 +221,27 @@ def _nucleus_tiers(logits: jax.Array, top_p: jax.Array, whole: jax.Array, tiers:
     such row, else among the next tier's (the full sort after the last)."""
     if not tiers:
         return _nucleus_sorted(logits, top_p)
-    # The barrier keeps top_k XLA CPU's TopK kernel: with the cond below reading its output
-    # directly, XLA lowers it to a sort of the whole row (measured: 1.4 s instead of 17 ms).
-    top, ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, tiers[0]))
-    probs = jnp.exp(top - top[:, :1]) / jnp.sum(jnp.exp(logits - top[:, :1]), axis=-1, keepdims=True)
-    inclusive = jnp.cumsum(probs, axis=-1)
-    keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
+    top, ids, _, _, keep, covered = _candidates(logits, tiers[0], top_p, whole)
 
     def among_candidates(logits):
         rows = jnp.arange(logits.shape[0])[:, None]
         return jnp.full_like(logits, NEG_INF).at[rows, ids].set(jnp.where(keep, top, NEG_INF))
 
-    covered = jnp.all((inclusive[:, -1:] >= top_p[:, None]) | whole)
     return jax.lax.cond(covered, among_candidates, lambda x: _nucleus_tiers(x, top_p, whole, tiers[1:]), logits)
+
+
+def _candidates(logits: jax.Array, k: int, top_p: jax.Array, whole: jax.Array):
+    """The k largest logits of each row, descending (top, ids [B, k]), their probabilities over
+    the whole row and inclusive cumulative mass, the nucleus mask among them (keep), and whether
+    they hold the nucleus of every row with top_p < 1 (covered, a scalar)."""
+    # The barrier keeps top_k XLA CPU's TopK kernel: with a cond reading its output directly,
+    # XLA lowers it to a sort of the whole row (measured: 1.4 s instead of 17 ms).
+    top, ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, k))
+    probs = jnp.exp(top - top[:, :1]) / jnp.sum(jnp.exp(logits - top[:, :1]), axis=-1, keepdims=True)
+    inclusive = jnp.cumsum(probs, axis=-1)
+    keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
+    covered = jnp.all((inclusive[:, -1:] >= top_p[:, None]) | whole)
+    return top, ids, probs, inclusive, keep, covered
 
 
 def nucleus_sample(logits: jax.Array, top_p: jax.Array, keys: jax.Array,
@@ -272,11 +280,7 @@ def _nucleus_sample_tiers(logits, top_p, whole, u, tiers: tuple[int, ...]) -> ja
         inclusive = jnp.cumsum(probs, axis=-1)
         keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
         return order[rows, _inverse_cdf(probs, inclusive, keep, u)]
-    top, ids = jax.lax.optimization_barrier(jax.lax.top_k(logits, tiers[0]))  # see _nucleus_tiers
-    probs = jnp.exp(top - top[:, :1]) / jnp.sum(jnp.exp(logits - top[:, :1]), axis=-1, keepdims=True)
-    inclusive = jnp.cumsum(probs, axis=-1)
-    keep = (inclusive - probs < top_p[:, None]).at[:, 0].set(True)
-    covered = jnp.all((inclusive[:, -1:] >= top_p[:, None]) | whole)
+    _, ids, probs, inclusive, keep, covered = _candidates(logits, tiers[0], top_p, whole)
     return jax.lax.cond(covered, lambda x: ids[rows, _inverse_cdf(probs, inclusive, keep, u)],
                         lambda x: _nucleus_sample_tiers(x, top_p, whole, u, tiers[1:]), logits)
 

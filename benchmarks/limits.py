@@ -18,17 +18,21 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of an fp32 [m, k] x [k, n] matmul: jitted JAX and torch (each the best of repeats)."""
-    import torch
-
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+def gemm_rate(m: int, k: int, n: int, repeats: int = 5, dtype=jnp.float32,
+              with_torch: bool = True) -> dict[str, float]:
+    """FLOP/s of a [m, k] x [k, n] matmul in `dtype`: jitted JAX on the default device and, unless
+    with_torch=False, a float32 torch one on the CPU (each the best of repeats)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
     out = {}
     best = min(timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
     out["jax"] = 2 * m * k * n / best
+    if not with_torch:
+        return out
+    import torch
+
     ta, tb = torch.randn(m, k), torch.randn(k, n)
     ta @ tb
     best = min(timed(lambda: ta @ tb) for _ in range(repeats))

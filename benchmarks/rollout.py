@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.decoding import CompiledDecode  # noqa: E402
 from benchmarks.limits import decode_floor_s, gemm_rate, memory_bandwidth  # noqa: E402
 from benchmarks.llama_server import llama_cpp_server  # noqa: E402
 from benchmarks.prompts import text_prompts  # noqa: E402
@@ -106,7 +107,6 @@ def main(argv=None) -> int:
 
     prompts_of = text_prompts(tok, np.random.default_rng(0))
 
-    from sage_jax.rollout import sampler as S
     from transformers import LogitsProcessorList
 
     from benchmarks.stamps import Stamps
@@ -118,24 +118,6 @@ def main(argv=None) -> int:
         return gens
 
     per_layer = jax.block_until_ready(model.decode_layout(params))
-
-    def ours_decode_time(prompts, n, params=params) -> float:
-        """Seconds of our decode jit alone (prefill run and synced first), as `generate` runs it."""
-        b = len(prompts)
-        sp = rollout.SamplingParams.greedy_params(n, min_new_tokens=n)
-        proc = rollout.Processing.of(sp, cfg.vocab_size)
-        rows = S._row_settings(cfg, [sp] * b, [n] * b, list(range(b)), 0, S.bucket(b))
-        toks, lens = S._pad_rows(prompts, S.bucket(b), S.bucket(len(prompts[0]), 16))
-        t_len, new_len = toks.shape[1], S.bucket(n, 16)
-        st = S.prefill(cfg, params, jax.numpy.asarray(toks), jax.numpy.asarray(lens), rows,
-                       cache_len=t_len + new_len, new_len=new_len)
-        jax.block_until_ready(st)
-        t = time.perf_counter()
-        st = S.decode(cfg, proc, params, st)
-        jax.block_until_ready(st)
-        dt = time.perf_counter() - t
-        assert int(st.length[0]) == n
-        return dt
 
     def theirs(prompts, n, stamps=None):
         ids = torch.tensor(prompts, dtype=torch.long)
@@ -161,12 +143,14 @@ def main(argv=None) -> int:
         if hf is not None:
             theirs(prompts, 2)  # warm-up
         # Interleaved repeats, so both sides see the same (shared, noisy) machine.
-        ours_decode_time(prompts, n_new, per_layer)  # compile the per-layer programs
+        greedy = rollout.SamplingParams.greedy_params(n_new, min_new_tokens=n_new)
+        decodes = {"dec": CompiledDecode.of(cfg, params, prompts, greedy, n_new),
+                   "dec_pl": CompiledDecode.of(cfg, per_layer, prompts, greedy, n_new)}
         t = {"e2e": [], "dec": [], "dec_pl": [], "h_e2e": [], "h_dec": []}
         for _ in range(repeats):
             t["e2e"].append(median_time(lambda: ours(prompts, n_new), 1))
-            t["dec"].append(ours_decode_time(prompts, n_new))
-            t["dec_pl"].append(ours_decode_time(prompts, n_new, per_layer))
+            for key, d in decodes.items():
+                t[key].append(d.run()[0] * (n_new - 1))
             if hf is not None:
                 t["h_e2e"].append(median_time(lambda: theirs(prompts, n_new), 1))
                 t["h_dec"].append(theirs_decode_time(prompts, n_new))

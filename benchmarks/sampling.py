@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,12 +56,12 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
+    from benchmarks.decoding import CompiledDecode
     from benchmarks.prompts import text_prompts
     from benchmarks.stamps import Stamps
 
     from sage_jax import model, rollout
     from sage_jax.model.smollm2 import fetch_smollm2
-    from sage_jax.rollout import sampler as S
     from sage_jax.rollout.sampling import NUCLEUS_CANDIDATES
 
     hf_dir = fetch_smollm2()
@@ -76,24 +75,6 @@ def main(argv=None) -> int:
           f"{n} new tokens, median of {args.repeats}; nucleus tiers {NUCLEUS_CANDIDATES}")
 
     prompts = text_prompts(tok, np.random.default_rng(0))(b, args.prompt_len)
-    toks, lens = S._pad_rows(prompts, S.bucket(b), S.bucket(args.prompt_len, 16))
-    cache_len, new_len = toks.shape[1] + S.bucket(n, 16), S.bucket(n, 16)
-
-    def ours(sp):
-        """(compiled decode, prefilled state) for one setting."""
-        proc = rollout.Processing.of(sp, cfg.vocab_size)
-        rows = S._row_settings(cfg, [sp] * b, [n] * b, list(range(b)), 0, S.bucket(b))
-        st = jax.block_until_ready(S.prefill(cfg, params, jnp.asarray(toks), jnp.asarray(lens), rows,
-                                             cache_len=cache_len, new_len=new_len))
-        return S.decode.lower(cfg, proc, params, st).compile(), st
-
-    def ours_step(compiled, st0):
-        st = jax.block_until_ready(jax.tree.map(jnp.copy, st0))  # decode donates its state
-        t = time.perf_counter()
-        st = jax.block_until_ready(compiled(params, st))
-        dt = (time.perf_counter() - t) / (n - 1)
-        assert int(st.length[0]) == n
-        return dt, np.asarray(st.tokens[:b])
 
     def hf_step(temperature, top_k, top_p):
         stamps, ids = Stamps(), torch.tensor(prompts, dtype=torch.long)
@@ -119,13 +100,13 @@ def main(argv=None) -> int:
         sp = (rollout.SamplingParams.greedy_params(n, min_new_tokens=n) if not temperature else
               rollout.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=n,
                                      min_new_tokens=n))
-        compiled[name] = ours(sp)
+        compiled[name] = CompiledDecode.of(cfg, params, prompts, sp, n)
     hf_step(*SETTINGS["greedy"])  # torch's warm-up
     times = {name: ([], []) for name in SETTINGS}
     tokens = {}
     for _ in range(args.repeats):  # interleaved: every setting sees the same (shared, noisy) machine
-        for name, (c, st0) in compiled.items():
-            dt, tokens[name] = ours_step(c, st0)
+        for name, c in compiled.items():
+            dt, tokens[name] = c.run()
             times[name][0].append(dt)
             times[name][1].append(hf_step(*SETTINGS[name]))
         print("  repeat done", file=sys.stderr, flush=True)

@@ -1,26 +1,11 @@
 """Shared test setup: 8 simulated CPU devices (set before JAX starts) and the HF oracle."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# One persistent XLA compilation cache for the whole run, made by the first process that loads
-# this file (pytest itself, before it starts the xdist workers, which inherit the variable): a
-# program compiled again after a module's `jax.clear_caches()` (below), in the other worker, or
-# in a test's subprocess is read back instead. Every size is cached (most of our programs compile
-# in well under the 1 s default). Removed when that process exits; a run that sets the variable
-# itself keeps its own cache.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _xla_cache = tempfile.mkdtemp(prefix="sage_jax_tests_xla_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    atexit.register(shutil.rmtree, _xla_cache, True)
 
 import pytest  # noqa: E402
 
@@ -74,23 +59,22 @@ def _drop_compiled_programs():
 
 
 # The longest test files, longest first (seconds under `-n 2` on a 2-core CPU, from a full run's
-# JUnit report, with the compilation cache above). xdist's `--dist loadfile` hands whole files to
-# the workers in collection order, so starting these first keeps one worker from running a long
-# file alone at the end (longest processing time first); the other files keep their order after
-# them.
+# JUnit report). xdist's `--dist loadfile` hands whole files to the workers in collection order,
+# so starting these first keeps one worker from running a long file alone at the end (longest
+# processing time first); the other files keep their order after them.
 LONGEST_FIRST = (
-    "test_sharded_inference.py",  # 270 s
-    "test_shared_prefix.py",  # 165
-    "test_search.py",  # 147
-    "test_train_steps.py",  # 105
-    "test_reference_training.py",  # 104
-    "test_sampler.py",  # 104
-    "test_moe_expert_parallel.py",  # 97
-    "test_attention_fused.py",  # 96
-    "test_sft.py",  # 88
-    "test_dialogue_cache.py",  # 83
-    "test_decode_layout.py",  # 79
-    "test_search_resume.py",  # 78
+    "test_sharded_inference.py",  # 413 s
+    "test_shared_prefix.py",  # 226
+    "test_search.py",  # 215
+    "test_reference_training.py",  # 177
+    "test_train_steps.py",  # 154
+    "test_attention_fused.py",  # 148
+    "test_sampler.py",  # 147
+    "test_dialogue_cache.py",  # 141
+    "test_moe_expert_parallel.py",  # 140
+    "test_decode_layout.py",  # 125
+    "test_search_resume.py",  # 120
+    "test_replicate.py",  # 111
 )
 
 

@@ -44,8 +44,8 @@ def test_device_check_on_cpu_writes_its_table(tmp_path):
     assert "## SFT step" in done.stdout and "## Greedy decode" in done.stdout
     r = json.loads((out / "device.json").read_text())
     cfg = SHAPES["tiny"]
-    assert r["model"] == "tiny" and r["params"] == sum(
-        int(x.size) for x in jax.tree.leaves(model.init_params(model.ModelConfig(**cfg), jax.random.key(0))))
+    assert r["model"] == "tiny" and r["params"] == model.num_params(
+        model.init_params(model.ModelConfig(**cfg), jax.random.key(0)))
     sft = r["sft"]
     # random init (std 0.02): near-uniform logits, so the first loss is about ln(vocab)
     assert abs(sft["first_loss"] - math.log(cfg["vocab_size"])) < 0.1

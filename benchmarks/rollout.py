@@ -98,7 +98,7 @@ def main(argv=None) -> int:
           f"({torch.get_num_threads()} threads), cpu count {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} (others share this machine when > 0.5)")
     print(f"# SmolLM2-135M fp32; prompt {args.prompt_len} tokens; {n_new} new tokens; median of {repeats}")
-    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    n_params = model.num_params(params)
     gemm = max(max(gemm_rate(m, k, n).values()) for m, k, n in
                ((max(batches), cfg.hidden_size, cfg.intermediate_size), (1024, 1024, 1024)))
     bandwidth = memory_bandwidth()

@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     import torch
 
     from sage_jax.model import loader
+    from sage_jax.model import num_params
     from sage_jax.model.lora import LoraConfig
     from sage_jax.model.smollm2 import fetch_smollm2
     from sage_jax.train.metrics import train_flops_per_token
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     cfg, params, _, _ = loader.load("smollm2")
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n_params = num_params(params)
     b, t = args.batch, args.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (b, t + 1), dtype=np.int64).astype(np.int32)

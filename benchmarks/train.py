@@ -96,8 +96,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sage_jax.model import loader
-    from sage_jax.model import num_params
+    from sage_jax.model import loader, num_params
     from sage_jax.model.lora import LoraConfig
     from sage_jax.model.smollm2 import fetch_smollm2
     from sage_jax.train.metrics import train_flops_per_token

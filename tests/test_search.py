@@ -77,7 +77,7 @@ def _check_outputs(out, seeds, turns, k):
 @pytest.mark.slow
 def test_smollm2_search_4_seeds_3_turns_k4(tmp_path):
     # Short latent blocks and replies: the untuned model's latents are unparsed text either way, and
-    # each decoded token costs 16 rows of the real model (the defaults tripled this test's time).
+    # each decoded token costs 16 rows of the real model (with the defaults this test took ~1.7x as long).
     cfg = SearchConfig(model="smollm2", num_seeds=4, turns=3, k=4, max_new_tokens=16, user_max_new_tokens=8,
                        latent_max_new_tokens=16, output_dir=str(tmp_path / "s"), batch_seeds=4)
     summary = run_search(cfg)

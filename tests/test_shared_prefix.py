@@ -50,12 +50,13 @@ def _chunk(rng, vocab, lengths, width):
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("bases", ["full", "mixed"])
-@pytest.mark.parametrize("own_cache", ["stacked", "per_layer_transposed_keys"])
+@pytest.mark.parametrize("own_cache", ["stacked", "per_layer_transposed_keys", "per_layer_split_prefix"])
 def test_prefix_shared_rows_equal_rows_on_a_copied_cache(family, bases, own_cache):
     """P=2 parents, G=3 children each: a T>1 chunk prefilled onto the own caches, then token by token
     decode; logits equal the children on full copies of their parents' caches (the mistral config
     has a sliding window of 5, which cuts into the prefix). The own caches are stacked, or (the
-    decode layout at large batch) per-layer buffers with the keys stored [B, K, H, S]."""
+    decode layout at large batch) per-layer buffers with the keys stored [B, K, H, S]; with
+    split_prefix the prefix is per-layer buffers too (what the decode loop hands the layers)."""
     cfg, params = tiny(family)
     rng = np.random.default_rng(0)
     lengths, sp, g, own = [9, 12], 16, 3, 16
@@ -66,6 +67,9 @@ def test_prefix_shared_rows_equal_rows_on_a_copied_cache(family, bases, own_cach
     shared_params = params
     if own_cache != "stacked":
         shared, shared_params = model.split_cache(shared, transpose_keys=True), model.decode_layout(params)
+    if own_cache == "per_layer_split_prefix":
+        prefix = model.split_cache(prefix)
+        assert isinstance(prefix["k"], tuple) and len(prefix["v"]) == cfg.num_layers
     copied = _copied(pcache, g, base, own)
     step = jax.jit(model.forward, static_argnums=0)
     toks, seg = _chunk(rng, cfg.vocab_size, [5, 3, 6, 1, 4, 2], 6)
@@ -238,6 +242,15 @@ def test_sampled_search_trees_equal_with_and_without_shared_prefix(tiny_dir, tmp
     assert got == ref
     assert [len(n["candidates"]) for t in map(json.loads, got["trees"].splitlines()) for n in t["nodes"]]
     assert one["cache"]["child_grows"] == 0 and two["cache"]["forks"] == one["cache"]["forks"]
+
+
+def test_search_in_the_decode_layout_equals_stacked(tiny_dir, tmp_path):
+    """layout=per_layer: the policy's params in the decode layout, whose decode loop splits the
+    shared prefix into per-layer buffers; the sampled trees, dialogues and pairs are the stacked
+    layout's."""
+    _, ref = _search(tiny_dir, tmp_path / "stacked")
+    _, got = _search(tiny_dir, tmp_path / "per_layer", layout="per_layer")
+    assert got == ref
 
 
 MESHES = {"data4_tensor2": dict(data=4, fsdp=1, tensor=2), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}

@@ -275,7 +275,7 @@ class Decoder(nnx.Module):
         copies: at batch 1 that doubles the bytes a decode step moves.
 
         prefix (only with a cache): a read-only shared prefix, k/v [L, P, K, Sp, H] (parent rows'
-        cache arrays) and base [B] int32: row b (rows grouped parent-major, b's prefix row is
+        cache arrays, or per-layer tuples of [P, K, Sp, H] from `split_cache`) and base [B] int32: row b (rows grouped parent-major, b's prefix row is
         b // (B // P)) attends to the first base[b] prefix slots and to its own cache, whose slot s
         holds position base[b] + s (the default RoPE positions). The prefix is not updated."""
         cfg = self.cfg
@@ -316,7 +316,8 @@ class Decoder(nnx.Module):
                                            windows=cfg.layer_windows(), impl=cfg.attention_impl, **slots)
 
         def prefix_mask(window):
-            return L.prefix_mask(q_slots, segment_ids, base, prefix["k"].shape[3], window)
+            slots = prefix["v"][0].shape[2] if is_per_layer(prefix) else prefix["v"].shape[3]
+            return L.prefix_mask(q_slots, segment_ids, base, slots, window)
 
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", None))
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)

@@ -69,7 +69,8 @@ def loop_config(cfg: DemoConfig, base: str, out: Path, *, sac_files: tuple[str, 
                     optim=OptimConfig(learning_rate=5e-2 if q else 1e-4, warmup_steps=0 if q else 3))
     search = SearchConfig(judge=cfg.judge, num_seeds=None if search_seeds else seeds, seeds=search_seeds,
                           turns=2, k=2 if q else 3, max_new_tokens=12 if q else 48,
-                          user_max_new_tokens=8 if q else 24, batch_seeds=seeds)
+                          user_max_new_tokens=8 if q else 24, batch_seeds=seeds,
+                          layout="stacked")  # a search of a few minutes: compiling dominates
     dpo = DPORunConfig(seq_len=256 if q else 512, batch_size=2, max_steps=2 if q else 6, eval_every=0,
                        save_every=100, eval_fraction=0.25, mesh=mesh, tensorboard=not q,
                        optim=OptimConfig(learning_rate=1e-2 if q else 1e-4, warmup_steps=0))

@@ -245,10 +245,10 @@ def test_sampled_search_trees_equal_with_and_without_shared_prefix(tiny_dir, tmp
 
 
 def test_search_in_the_decode_layout_equals_stacked(tiny_dir, tmp_path):
-    """layout=per_layer: the policy's params in the decode layout, whose decode loop splits the
+    """layout=per_layer (the default): the policy's params in the decode layout, whose decode loop splits the
     shared prefix into per-layer buffers; the sampled trees, dialogues and pairs are the stacked
     layout's."""
-    _, ref = _search(tiny_dir, tmp_path / "stacked")
+    _, ref = _search(tiny_dir, tmp_path / "stacked", layout="stacked")
     _, got = _search(tiny_dir, tmp_path / "per_layer", layout="per_layer")
     assert got == ref
 

@@ -90,9 +90,9 @@ class SearchConfig:
     # child decodes on its own copy of it, the earlier fork: same tokens, K times the cache reads)
     shared_prefix: bool = True
     # Parameter layout of the policies (rollout.load_policy): per_layer (`model.decode_layout`)
-    # decodes the children's rows ~1.3x faster on CPU but compiles each program ~4x longer, so it
-    # pays off in searches of more than a few minutes; stacked compiles fastest.
-    layout: Literal["stacked", "per_layer"] = "stacked"
+    # decodes ~1.4x faster on CPU (SmolLM2, 4 dialogues x K=4) but compiles each program ~4x longer
+    # (~75 s more per search): it pays off after a few minutes; stacked for short, compile-bound runs.
+    layout: Literal["stacked", "per_layer"] = "per_layer"
     negatives_per_turn: int = 1  # preference pairs per assistant turn
     humour: bool = False
     # A rejected assistant step ("No good one", or no usable verdict) is sampled again, K new

@@ -235,22 +235,17 @@ def _search(tiny_dir, out, **kw):
 def test_sampled_search_trees_equal_with_and_without_shared_prefix(tiny_dir, tmp_path, deep):
     """A sampled latent-first search (fixed seeds) gives the same trees, dialogues and pairs with
     prefix-shared children as with copied ones; deep: beam 2 and lookahead 2 (children committed
-    to other beams' rows, futures forked on their own pools)."""
+    to other beams' rows, futures forked on their own pools). Both run the default decode layout
+    (per_layer: its decode loop splits the shared prefix into per-layer buffers); not deep, the
+    stacked layout's search is the same too."""
     kw = dict(beam=2, lookahead=2, turns=2) if deep else {}
     one, ref = _search(tiny_dir, tmp_path / "copied", shared_prefix=False, **kw)
     two, got = _search(tiny_dir, tmp_path / "shared", **kw)
     assert got == ref
+    if not deep:
+        assert _search(tiny_dir, tmp_path / "stacked", layout="stacked")[1] == ref
     assert [len(n["candidates"]) for t in map(json.loads, got["trees"].splitlines()) for n in t["nodes"]]
     assert one["cache"]["child_grows"] == 0 and two["cache"]["forks"] == one["cache"]["forks"]
-
-
-def test_search_in_the_decode_layout_equals_stacked(tiny_dir, tmp_path):
-    """layout=per_layer (the default): the policy's params in the decode layout, whose decode loop splits the
-    shared prefix into per-layer buffers; the sampled trees, dialogues and pairs are the stacked
-    layout's."""
-    _, ref = _search(tiny_dir, tmp_path / "stacked", layout="stacked")
-    _, got = _search(tiny_dir, tmp_path / "per_layer", layout="per_layer")
-    assert got == ref
 
 
 MESHES = {"data4_tensor2": dict(data=4, fsdp=1, tensor=2), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}

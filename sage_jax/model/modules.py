@@ -275,9 +275,10 @@ class Decoder(nnx.Module):
         copies: at batch 1 that doubles the bytes a decode step moves.
 
         prefix (only with a cache): a read-only shared prefix, k/v [L, P, K, Sp, H] (parent rows'
-        cache arrays, or per-layer tuples of [P, K, Sp, H] from `split_cache`) and base [B] int32: row b (rows grouped parent-major, b's prefix row is
-        b // (B // P)) attends to the first base[b] prefix slots and to its own cache, whose slot s
-        holds position base[b] + s (the default RoPE positions). The prefix is not updated."""
+        cache arrays, or tuples of per-layer [P, K, Sp, H] from `split_cache`) and base [B] int32:
+        row b (rows grouped parent-major, b's prefix row is b // (B // P)) attends to the first
+        base[b] prefix slots and to its own cache, whose slot s holds position base[b] + s (the
+        default RoPE positions). The prefix is not updated."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens.shape

@@ -266,8 +266,8 @@ def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState, pref
     split = M.per_layer(params) is not None  # the decode layout: each layer's cache its own buffer too
     transpose_keys = state.tokens.shape[0] >= TRANSPOSED_KEYS_MIN_ROWS
     cache = M.split_cache(state.cache, transpose_keys=transpose_keys) if split else state.cache
-    if split and prefix is not None:  # per-layer buffers once per loop: a layer's slice of the
-        prefix = M.split_cache(prefix)  # stacked prefix was copied every step (4 x 16 rows: ~10%)
+    if split and prefix is not None:  # per-layer buffers once per loop: each layer's slice of the stacked
+        prefix = M.split_cache(prefix)  # prefix was copied every step (4 x K=4 rows, 440 slots: 14 of 145 ms)
     state = dataclasses.replace(state, cache=cache, done=state.done | (state.max_new <= 0))
     state = jax.lax.while_loop(
         lambda st: jnp.any(~st.done) & (st.step < n),

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.llama_server import llama_cpp_server  # noqa: E402
-from sage_jax.rollout.policy import load_policy  # noqa: E402
+from sage_jax.rollout.policy import LAYOUTS, load_policy  # noqa: E402
 from sage_jax.serve import make_server  # noqa: E402
 
 TOPICS = ["my exam", "a rainy day", "my cat", "cooking pasta", "a long commute", "learning guitar", "a new job",
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the most clients)")
     ap.add_argument("--timeout", type=float, default=600.0)
-    ap.add_argument("--layout", default="per_layer", choices=["stacked", "per_layer"],
+    ap.add_argument("--layout", default="per_layer", choices=LAYOUTS,
                     help="parameter layout (as `sage-jax serve`, whose default is per_layer)")
     args = ap.parse_args()
 

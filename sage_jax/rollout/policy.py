@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Sequence
+import typing
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from sage_jax import parallel
 from sage_jax.model import decode_layout, loader, param_axes
@@ -41,11 +42,12 @@ class Policy:
         return self.tokenizer.decode([t for t in tokens if t not in ends], skip_special_tokens=False)
 
 
-LAYOUTS = ("stacked", "per_layer")
+Layout = Literal["stacked", "per_layer"]  # parameter layouts for generation (load_policy)
+LAYOUTS = typing.get_args(Layout)
 
 
 def load_policy(path: str, *, template: str | None = None, dtype: str | None = None,
-                mesh=None, layout: str = "stacked") -> Policy | EndpointPolicy:
+                mesh=None, layout: Layout = "stacked") -> Policy | EndpointPolicy:
     """`smollm2`, an HF directory, or a training run directory (its best checkpoint when it recorded
     one, else its latest; RUN@best|@latest|@STEP; LoRA merged): see :func:`sage_jax.model.loader.load`. `openai:MODEL@URL`: an `EndpointPolicy` (vLLM, SGLang,
     `sage-jax serve`; template, dtype and mesh are the server's business and ignored here).
@@ -54,7 +56,7 @@ def load_policy(path: str, *, template: str | None = None, dtype: str | None = N
     by the rule table; the sampler and beam search then run sharded (None / one device: as is).
     layout: "stacked" (one scan over the layers: quick to compile) or "per_layer"
     (`model.decode_layout`: faster decode steps on CPU, above all at small batch, but each program
-    compiles ~4x longer: for long-running generation such as `serve`).
+    compiles ~4x longer: for long-running generation such as `serve` and `search`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"load_policy: layout must be one of {LAYOUTS}, got {layout!r}")

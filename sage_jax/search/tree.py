@@ -51,7 +51,7 @@ from sage_jax.data.sample import sample_path
 from sage_jax.judge import make_judge, rank_top
 from sage_jax.rollout.compiles import CompileCounter
 from sage_jax.rollout.dialogue_cache import BranchConfig, CacheStats, DialoguePool, action_key, branch
-from sage_jax.rollout.policy import Policy, load_policy
+from sage_jax.rollout.policy import Layout, Policy, load_policy
 from sage_jax.rollout.sampling import SamplingParams
 from sage_jax.rollout.selfplay import Episode, user_turns
 from sage_jax.search import shards
@@ -92,7 +92,7 @@ class SearchConfig:
     # Parameter layout of the policies (rollout.load_policy): per_layer (`model.decode_layout`)
     # decodes ~1.4x faster on CPU (SmolLM2, 4 dialogues x K=4) but compiles each program ~4x longer
     # (~75 s more per search): it pays off after a few minutes; stacked for short, compile-bound runs.
-    layout: Literal["stacked", "per_layer"] = "per_layer"
+    layout: Layout = "per_layer"
     negatives_per_turn: int = 1  # preference pairs per assistant turn
     humour: bool = False
     # A rejected assistant step ("No good one", or no usable verdict) is sampled again, K new

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 from sage_jax import parallel
+from sage_jax.rollout.policy import Layout
 from sage_jax.serve.server import API_KEY_ENV, ServerLimits
 
 __all__ = ["register", "ServeConfig", "serve"]
@@ -26,7 +26,7 @@ class ServeConfig:
     decode_steps: int = 4  # decode steps between admissions and stream flushes
     # Parameter layout for generation (see rollout.load_policy): per_layer decodes faster on CPU,
     # compiles slower: a server compiles a few programs once.
-    layout: Literal["stacked", "per_layer"] = "per_layer"
+    layout: Layout = "per_layer"
     # Bearer key every /v1 route needs (401 otherwise); default: the SAGE_JAX_API_KEY environment
     # variable (preferred: a key on the command line shows in the process list).
     api_key: str | None = None

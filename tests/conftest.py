@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No persistent compilation cache (sage_jax.compile_cache): each test compiles what it runs and
+# none reads or fills the user's ~/.cache; the tests of the cache turn it on for their processes.
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import pytest  # noqa: E402
 

@@ -172,7 +172,8 @@ def test_two_process_sft_and_checkpoint_on_global_mesh(tiny_dir, tmp_path):
                "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(pid), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-               "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+               "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_ENABLE_COMPILATION_CACHE": "true"}
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(pid), str(tiny_dir), str(tmp_path), str(tmp_path / f"out{pid}.json")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

@@ -28,9 +28,11 @@ def test_killed_search_resumes_exactly_once_and_equals_an_uninterrupted_run(tmp_
     (tmp_path / "seeds.txt").write_text("\n".join(seeds[:4]) + "\n")
     base = [sys.executable, "-m", "sage_jax.cli", "search", f"model={tiny_dir}", "turns=2", "k=2", "temperature=0.0",
             "max_new_tokens=8", "user_max_new_tokens=4", "batch_seeds=1", f"seeds={tmp_path / 'seeds.txt'}"]
-    # one persistent compilation cache for the six runs: each would otherwise compile the same programs
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # The command's own persistent compilation cache (sage_jax.compile_cache, here under this test's
+    # SAGE_JAX_CACHE) serves the six runs: each would otherwise compile the same programs.
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="true",
+               SAGE_JAX_CACHE=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     subprocess.run(base + [f"output_dir={tmp_path / 'ref'}"], env=env, capture_output=True, check=True)
     ref = _outputs(tmp_path / "ref")
     out = tmp_path / "r"
@@ -51,6 +53,9 @@ def test_killed_search_resumes_exactly_once_and_equals_an_uninterrupted_run(tmp_
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     summary = json.loads(done.stdout)
     assert summary["skipped_done"] + summary["searched"] == 4
+    # the programs came from the cache the first run filled (bounded: eviction keeps its lock file)
+    assert summary["compiles"]["cached"] > 0 and summary["compiles"]["cached"] <= summary["compiles"]["count"]
+    assert list((tmp_path / "cache" / "xla").glob("*-cache*")), sorted((tmp_path / "cache").rglob("*"))[:10]
     got = _outputs(out)
     for k in ("trees", "sft", "trajectories"):
         assert len(set(_ids(out / f"{k}.jsonl"))) == len(_ids(out / f"{k}.jsonl")) == 4, k  # each seed once

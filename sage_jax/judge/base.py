@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from sage_jax import cache_root
+
 __all__ = ["Completion", "Judge", "JudgeStats", "RetryPolicy", "CompletionCache", "CachingJudge", "JudgeSpec",
            "JudgeConfig", "parse_spec", "make_judge", "redact", "default_cache_dir", "output_cache_dir"]
 
@@ -138,8 +140,7 @@ def output_cache_dir(output: str | os.PathLike, *, is_dir: bool = False) -> Path
 def default_cache_dir() -> Path:
     """``$SAGE_JAX_CACHE/judge`` (default ``~/.cache/sage_jax/judge``): a cache shared by every run,
     for ``cache_dir=`` when that is wanted (the commands default to :func:`output_cache_dir`)."""
-    root = os.environ.get("SAGE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sage_jax")
-    return Path(root) / "judge"
+    return cache_root() / "judge"
 
 
 class CompletionCache:

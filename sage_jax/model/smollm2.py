@@ -34,6 +34,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from sage_jax import cache_root
+
 __all__ = [
     "GGUF_NAME",
     "MODEL_NAME",
@@ -60,7 +62,7 @@ def _log(msg: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SAGE_JAX_CACHE") or Path.home() / ".cache" / "sage_jax")
+    return cache_root()
 
 
 # --------------------------------------------------------------------------- locating the GGUF

@@ -6,7 +6,9 @@
 
 Listens to JAX's own monitoring event `/jax/core/compile/backend_compile_duration` (recorded once
 per backend compilation, i.e. a cache miss of a jitted function or of an eager op on a new shape),
-so every program counts, ours or JAX's. One process-wide listener feeds all open counters.
+so every program counts, ours or JAX's. A program loaded from the persistent compilation cache
+(`sage_jax.compile_cache`) counts there too, and in `cached` as well (JAX's
+`/jax/compilation_cache/cache_hits`). One process-wide listener feeds all open counters.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import threading
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 _lock = threading.Lock()
 _active: list["CompileCounter"] = []
@@ -32,6 +35,14 @@ def _listener(event: str, duration: float, **kwargs) -> None:
             c.by_function[name] += 1
 
 
+def _hit_listener(event: str, **kwargs) -> None:
+    if event != CACHE_HIT_EVENT:
+        return
+    with _lock:
+        for c in _active:
+            c.cached += 1
+
+
 def _install() -> None:
     global _installed
     with _lock:
@@ -40,6 +51,7 @@ def _install() -> None:
         import jax.monitoring
 
         jax.monitoring.register_event_duration_secs_listener(_listener)
+        jax.monitoring.register_event_listener(_hit_listener)
         _installed = True
 
 
@@ -48,6 +60,7 @@ class CompileCounter:
 
     def __init__(self):
         self.count = 0
+        self.cached = 0  # of count: loaded from the persistent compilation cache
         self.seconds = 0.0
         self.by_function: collections.Counter[str] = collections.Counter()
 
@@ -63,8 +76,9 @@ class CompileCounter:
                 _active.remove(self)
 
     def summary(self, top: int = 40) -> dict:
-        return {"count": self.count, "seconds": round(self.seconds, 3),
+        return {"count": self.count, "cached": self.cached, "seconds": round(self.seconds, 3),
                 "by_function": dict(self.by_function.most_common(top))}
 
     def __str__(self) -> str:
-        return f"{self.count} compilations, {self.seconds:.1f} s"
+        cached = f" ({self.cached} loaded from the compilation cache)" if self.cached else ""
+        return f"{self.count} programs{cached}, {self.seconds:.1f} s"

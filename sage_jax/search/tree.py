@@ -573,7 +573,7 @@ def run_search(cfg: SearchConfig) -> dict:
     summary["compiles"] = compiles.summary()
     summary["cache"] = stats.as_dict()
     summary["distinct_actions_mean"] = round(sum(actions) / len(actions), 3) if actions else None
-    print(f"search: {compiles} (programs compiled, seconds); cache: {stats.prefill_tokens} tokens prefilled, "
+    print(f"search: compiled {compiles}; cache: {stats.prefill_tokens} tokens prefilled, "
           f"{stats.reused_tokens} reused, {stats.rewinds} rewinds; mean distinct actions per node "
           f"{summary['distinct_actions_mean']}; {summary['abandoned']} dialogues abandoned after "
           f"{cfg.step_tries} rejected tries ({summary['rejected_tries']} rejected tries in all)", file=sys.stderr)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "sage_jax"
 # Low to high. Units in one layer do not import each other (model/data, train/rollout, eval/serve...).
 LAYERS: list[tuple[str, ...]] = [
     ("progress", "net", "sage_jax"),  # standalone helpers (progress bar, loopback check) and the package root: import nothing of ours
-    ("sac", "config"),
+    ("sac", "config", "compile_cache"),  # compile_cache: the entry points' XLA cache (reads the root's cache_root)
     ("parallel",),
     ("model", "data"),
     ("train", "rollout"),

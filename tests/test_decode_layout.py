@@ -22,7 +22,10 @@ def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
     seg[2, 9:] = 0  # padding
     a, _ = model.forward(cfg, params, tokens, segment_ids=seg)
     b, _ = model.forward(cfg, per, tokens, segment_ids=seg)
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    # float32 rounding only: the decode layout's products sum in another order (the kernel as
+    # the GEMM's M side, layers.dense_output_major); seen up to 1.2e-5 on these logits
+    tol = dict(rtol=1e-5, atol=3e-5)
+    np.testing.assert_allclose(b, a, **tol)
     step = jax.jit(model.forward, static_argnums=0)
     # the stacked cache, and per-layer ones (split_cache: each layer's k/v its own buffer; with
     # transpose_keys its keys [B, K, H, S] under "kt")
@@ -36,7 +39,7 @@ def test_forward_with_and_without_cache_equals_the_stacked_scan(family):
         la, caches[0] = step(cfg, params, chunk, cache=caches[0])
         for i in (1, 2, 3):
             lb, caches[i] = step(cfg, per, chunk, cache=caches[i])
-            np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(lb, la, **tol)
     caches[2], caches[3] = model.stack_cache(caches[2]), model.stack_cache(caches[3])
     for cache in caches[1:]:
         for name in ("k", "v"):
@@ -77,10 +80,10 @@ def test_generation_and_policy_in_the_decode_layout(tiny_dir):
 
 
 def test_fused_kernels_keep_the_mesh_axes_and_the_logits():
-    """The decode layout fuses q/k/v into an output-major [K, G + 2, H, D] and gate/up into
-    [D, 2, F], and stores down_proj output-major [D, F]: on a data x tensor mesh each kernel is
-    split over kv heads / mlp like its parts, and the sharded per-layer forward equals the
-    stacked one on one device."""
+    """The decode layout fuses q/k/v into [K, G + 2, H, D] and gate/up into [2, F, D], and stores
+    o_proj [D, N, H] and down_proj [D, F]: all output-major. On a data x tensor mesh each kernel
+    is split over kv heads / heads / mlp like its parts, and the sharded per-layer forward
+    equals the stacked one on one device."""
     from sage_jax import parallel
 
     cfg, params = tiny()
@@ -89,14 +92,17 @@ def test_fused_kernels_keep_the_mesh_axes_and_the_logits():
     assert per_one["qkv_proj"].shape == (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim,
                                          cfg.hidden_size)
     assert per_one["down_proj"].shape == (cfg.hidden_size, cfg.intermediate_size)
+    assert per_one["gate_up_proj"].shape == (2, cfg.intermediate_size, cfg.hidden_size)
+    assert per_one["o_proj"].shape == (cfg.hidden_size, cfg.num_heads, cfg.head_dim)
     sharded = parallel.place_params(model.param_axes(cfg), params, parallel.MeshConfig(data=4, fsdp=1, tensor=2))
     per = model.decode_layout(sharded)
     layer = model.per_layer(per)[0]
     assert tuple(layer["qkv_proj"].sharding.spec)[:1] == ("tensor",)
-    assert tuple(layer["gate_up_proj"].sharding.spec) == (None, None, "tensor")
+    assert tuple(layer["gate_up_proj"].sharding.spec) == (None, "tensor", None)
+    assert tuple(layer["o_proj"].sharding.spec)[:2] == (None, "tensor")
     assert tuple(layer["down_proj"].sharding.spec) == (None, "tensor")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 9), dtype=np.int32)
     a, _ = model.forward(cfg, params, tokens)
     with parallel.mesh_context(per):
         b, _ = jax.jit(model.forward, static_argnums=0)(cfg, per, tokens)
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=3e-5)  # see the first test

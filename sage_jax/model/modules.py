@@ -46,12 +46,13 @@ class DecoderLayer(nnx.Module):
                  fused: bool = False):
         """fused: the decode layout's projections (`model.decode_layout`), one kernel for q/k/v
         [K, G + 2, H, D] (per kv head: its G query heads, then k and v, so a split over kv heads
-        keeps each group whole) and one for gate/up [D, 2, F] (dense MLP only). At batch 1 a
+        keeps each group whole) and one for gate/up [2, F, D] (dense MLP only). At batch 1 a
         decode step is a chain of matrix-vector products, each paying a fixed launch cost: this
-        makes 7 of them per layer 4. The q/k/v kernel and a dense MLP's down_proj [D, F] are
-        output-major (each output's weights contiguous, `layers.dense_output_major`): XLA CPU
-        streams those two shapes faster that way (measured per product at batch 1: q/k/v 85 vs
-        101 us, down 118 vs 160 us); gate/up is faster input-major, as stored."""
+        makes 7 of them per layer 4. Every kernel is output-major (each output's weights
+        contiguous; o_proj [D, N, H], down_proj [D, F]) and multiplies as the GEMM's M side
+        (`layers.dense_output_major`): at 16-64 rows XLA CPU runs that form 1.1-1.4x faster
+        than rows-as-M, and at batch 1 it streams q/k/v and down faster (85 vs 101 us, 118 vs
+        160 us per product)."""
         if fused and lora is not None:
             raise ValueError("DecoderLayer: fused projections take no LoRA adapters (merge them first)")
         self.cfg, self.lora_cfg, self.fused = cfg, lora, fused
@@ -76,7 +77,10 @@ class DecoderLayer(nnx.Module):
             self.q_proj = kernel((D, N, H), ("embed", "heads", "head_dim"))
             self.k_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
             self.v_proj = kernel((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.o_proj = kernel((N, H, D), ("heads", "head_dim", "embed"))
+        if fused:
+            self.o_proj = kernel((D, N, H), ("embed", "heads", "head_dim"))
+        else:
+            self.o_proj = kernel((N, H, D), ("heads", "head_dim", "embed"))
         self.mlp_norm = const((D,), ("norm",), 1.0)
         if cfg.qkv_bias:
             self.q_bias = const((N, H), ("heads", "head_dim"), 0.0)
@@ -94,7 +98,7 @@ class DecoderLayer(nnx.Module):
             self.down_proj = kernel((E, F, D), ("expert", "mlp", "embed"))
         else:
             if fused:
-                self.gate_up_proj = kernel((D, 2, F), ("embed", None, "mlp"))
+                self.gate_up_proj = kernel((2, F, D), (None, "mlp", "embed"))
             else:
                 self.gate_proj = kernel((D, F), ("embed", "mlp"))
                 self.up_proj = kernel((D, F), ("embed", "mlp"))
@@ -143,7 +147,10 @@ class DecoderLayer(nnx.Module):
         else:
             pk, pv, pmask, kv_layout = prefix
             attn = L.prefix_attention(q, k_all, v_all, mask(window), pk, pv, pmask(window), kv_layout)
-        out = self.proj("o_proj", attn, rng)
+        if self.fused:
+            out = L.dense_output_major(attn, self.o_proj[...], n_in=2)
+        else:
+            out = self.proj("o_proj", attn, rng)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         x = x + out
@@ -152,8 +159,7 @@ class DecoderLayer(nnx.Module):
             mlp = L.moe(cfg, h, self.router[...].astype(dt), self.gate_proj[...].astype(dt),
                         self.up_proj[...].astype(dt), self.down_proj[...].astype(dt))
         elif self.fused:
-            gate_up = L.dense(h, self.gate_up_proj[...])  # [..., 2, F]
-            mlp = L.dense_output_major(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj[...])
+            mlp = L.swiglu_output_major(h, self.gate_up_proj[...], self.down_proj[...])
         elif self.lora_cfg is None or not any(t in self.lora_cfg.targets for t in ("gate_proj", "up_proj", "down_proj")):
             mlp = L.swiglu(h, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         else:
@@ -221,13 +227,21 @@ def split_cache(cache: Cache, transpose_keys: bool = False) -> Cache:
     return {**rest, "kt" if transpose_keys else "k": keys, "v": tuple(cache["v"][i] for i in range(n))}
 
 
-def stack_cache(cache: Cache) -> Cache:
-    """The inverse of `split_cache` (as is for a stacked cache)."""
+def stack_cache(cache: Cache, into: Cache | None = None) -> Cache:
+    """The inverse of `split_cache` (as is for a stacked cache). into: the stacked cache it was
+    split from, whose k/v buffers are overwritten layer by layer (in place when donated to the
+    jit: a decode loop's end then allocates no new [L, ...] arrays, whose first touch of fresh
+    pages made restacking a batch-64 SmolLM2 cache cost ~0.4 s)."""
     if not is_per_layer(cache):
         return cache
     keys = [x.swapaxes(2, 3) for x in cache["kt"]] if "kt" in cache else cache["k"]
     rest = {name: x for name, x in cache.items() if name not in ("k", "kt")}
-    return {**rest, "k": jnp.stack(keys), "v": jnp.stack(cache["v"])}
+    if into is None:
+        return {**rest, "k": jnp.stack(keys), "v": jnp.stack(cache["v"])}
+    k, v = into["k"], into["v"]
+    for i, (ki, vi) in enumerate(zip(keys, cache["v"])):
+        k, v = k.at[i].set(ki), v.at[i].set(vi)
+    return {**rest, "k": k, "v": v}
 
 
 def is_per_layer(cache: Cache) -> bool:
@@ -376,10 +390,15 @@ class Decoder(nnx.Module):
             }
         return x, new_cache
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Logits [..., vocab_size] from hidden states; vocabulary padding rows are dropped."""
-        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        out = x @ w.astype(x.dtype)
+    def logits(self, x: jax.Array, decode: bool = False) -> jax.Array:
+        """Logits [..., vocab_size] from hidden states; vocabulary padding rows are dropped.
+        decode: inference in the decode layout, where a tied embedding [V, D] is used as the
+        output-major kernel it is (`layers.dense_output_major`)."""
+        if decode and self.cfg.tie_word_embeddings:
+            out = L.dense_output_major(x, self.embed[...])
+        else:
+            w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+            out = x @ w.astype(x.dtype)
         if self.cfg.embed_rows != self.cfg.vocab_size:
             out = out[..., : self.cfg.vocab_size]
         return constrain(out, ("batch", "length", "vocab")[:-1][: out.ndim - 1] + ("vocab",))
@@ -388,4 +407,4 @@ class Decoder(nnx.Module):
                  dropout_rng=None, prefix: Cache | None = None, layers: tuple | None = None
                  ) -> tuple[jax.Array, Cache | None]:
         x, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout_rng, prefix, layers)
-        return self.logits(x), cache
+        return self.logits(x, decode=layers is not None), cache

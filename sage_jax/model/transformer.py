@@ -64,9 +64,10 @@ def decode_layout(params: Params) -> Params:
     for generation: `forward` then runs an unrolled loop over them instead of a scan over
     stacked weights, whose per-layer dynamic slices XLA on CPU copies (measured: a decode step at
     batch 1 moves about twice the bytes). Each layer's q/k/v kernels are fused into one
-    output-major `qkv_proj` [K, G + 2, H, D] and a dense MLP's gate/up into one `gate_up_proj`
-    [D, 2, F], its down_proj stored output-major [D, F] (`DecoderLayer(fused=True)`: fewer,
-    larger matrix-vector products per step, in the layouts XLA CPU streams fastest). Made outside
+    `qkv_proj` [K, G + 2, H, D] and a dense MLP's gate/up into one `gate_up_proj` [2, F, D], and
+    o_proj [D, N, H] and down_proj [D, F] are stored transposed: every kernel output-major
+    (`DecoderLayer(fused=True)`: fewer, larger products per step, in the form XLA CPU runs
+    fastest). Made outside
     jit, once (it copies the weights; a sharded weight's fused kernel keeps its mesh axes); the
     stacked layout stays the one for training, checkpoints and HF export."""
     if per_layer(params) is not None:
@@ -100,9 +101,11 @@ def _fuse(layer: Params) -> Params:
     d, kv, h = k.shape
     qkv = jnp.concatenate([q.reshape(d, kv, -1, h), k[:, :, None], v[:, :, None]], axis=2)
     layer["qkv_proj"] = _placed_like(qkv.transpose(1, 2, 3, 0), k, lambda s: (s[1], None, s[2], s[0]))
+    o = layer["o_proj"]
+    layer["o_proj"] = _placed_like(o.transpose(2, 0, 1), o, lambda s: (s[2], s[0], s[1]))
     if "router" not in layer:  # MoE experts stay as they are
         gate, up, down = layer.pop("gate_proj"), layer.pop("up_proj"), layer.pop("down_proj")
-        layer["gate_up_proj"] = _placed_like(jnp.stack([gate, up], axis=1), gate, lambda s: (s[0], None, s[1]))
+        layer["gate_up_proj"] = _placed_like(jnp.stack([gate.T, up.T]), gate, lambda s: (None, s[1], s[0]))
         layer["down_proj"] = _placed_like(down.T, down, lambda s: (s[1], s[0]))
     return layer
 
@@ -110,13 +113,14 @@ def _fuse(layer: Params) -> Params:
 def _unfuse(layer: Params) -> Params:
     """The inverse of `_fuse`."""
     layer = dict(layer)
+    layer["o_proj"] = layer["o_proj"].transpose(1, 2, 0)
     qkv = layer.pop("qkv_proj").transpose(3, 0, 1, 2)
     d, kv, g2, h = qkv.shape
     layer.update(q_proj=qkv[:, :, : g2 - 2].reshape(d, kv * (g2 - 2), h), k_proj=qkv[:, :, g2 - 2],
                  v_proj=qkv[:, :, g2 - 1])
     if "gate_up_proj" in layer:
         gate_up = layer.pop("gate_up_proj")
-        layer.update(gate_proj=gate_up[:, 0], up_proj=gate_up[:, 1], down_proj=layer["down_proj"].T)
+        layer.update(gate_proj=gate_up[0].T, up_proj=gate_up[1].T, down_proj=layer["down_proj"].T)
     return layer
 
 
@@ -172,7 +176,7 @@ def hidden_states(
 
 def lm_head(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     """Logits [..., vocab_size] from hidden states; vocabulary padding rows are dropped."""
-    return decoder(cfg, params).logits(x)
+    return decoder(cfg, params).logits(x, decode=per_layer(params) is not None)
 
 
 def forward(

@@ -218,14 +218,13 @@ def _decode_step(cfg: ModelConfig, proc: Processing, params, prefix, st: Sampler
     v = st.logits.shape[1]
     rows = jnp.arange(b)
     active = ~st.done
-    stop_mask = None
-    if proc.min_new_tokens:  # mask the stop tokens of rows still short of min_new_tokens
+    banned = None
+    if proc.min_new_tokens:  # ban the stop tokens of rows still short of min_new_tokens
         early = (st.length < st.min_new)[:, None]
-        ids = jnp.where((st.stop_ids >= 0) & early, st.stop_ids, v)  # v: out of range, dropped
-        stop_mask = jnp.zeros((b, v), bool).at[rows[:, None], ids].set(True, mode="drop")
+        banned = jnp.where((st.stop_ids >= 0) & early, st.stop_ids, v)  # v: out of range, none
     keys = jax.vmap(jax.random.fold_in)(st.keys, st.length)
     tok = sample(proc, st.logits, keys, presence=st.presence, penalty=st.penalty, temperature=st.temperature,
-                 top_p=st.top_p, stop_mask=stop_mask)
+                 top_p=st.top_p, banned=banned)
     tok = jnp.where(active, tok, 0)
     slot = jnp.where(active, st.length, n)  # n: out of range, dropped
     tokens = st.tokens.at[rows, slot].set(tok, mode="drop")
@@ -265,7 +264,8 @@ def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState, pref
     n = state.tokens.shape[1]
     split = M.per_layer(params) is not None  # the decode layout: each layer's cache its own buffer too
     transpose_keys = state.tokens.shape[0] >= TRANSPOSED_KEYS_MIN_ROWS
-    cache = M.split_cache(state.cache, transpose_keys=transpose_keys) if split else state.cache
+    stacked = state.cache
+    cache = M.split_cache(stacked, transpose_keys=transpose_keys) if split else stacked
     if split and prefix is not None:  # per-layer buffers once per loop: each layer's slice of the stacked
         prefix = M.split_cache(prefix)  # prefix was copied every step (4 x K=4 rows, 440 slots: 14 of 145 ms)
     state = dataclasses.replace(state, cache=cache, done=state.done | (state.max_new <= 0))
@@ -274,7 +274,7 @@ def decode(cfg: ModelConfig, proc: Processing, params, state: SamplerState, pref
         functools.partial(_decode_step, cfg, proc, params, prefix),
         state,
     )
-    return dataclasses.replace(state, cache=M.stack_cache(state.cache)) if split else state
+    return dataclasses.replace(state, cache=M.stack_cache(state.cache, into=stacked)) if split else state
 
 
 # ---------------------------------------------------------------------------------------------

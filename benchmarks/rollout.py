@@ -22,9 +22,10 @@ columns use the stacked layout. Limits (benchmarks/limits.py, measured in the sa
 (fp32: 4 bytes per parameter) and does 2 FLOPs per parameter per row, so its floor is
 max(bytes / memory bandwidth, FLOPs / GEMM rate); "of limit" is the measured decode tokens/s over
 the tokens/s of that floor (bandwidth-bound at small batch, compute-bound at large). The limits are
-measured at the start and again after each batch's timings, and the table uses their medians: on
-a shared machine one measurement can land in a burst (we saw the bandwidth read 70 GB/s once
-between readings of 36-42), which would make every share of it look half as large.
+measured at the start and again after each batch's timings (the bandwidth three times each), and
+the table uses their medians: on a shared machine one measurement can land in a burst (we saw the
+bandwidth read 70 GB/s once between readings of 36-42), which would make every share of it look
+half as large.
 
 llama.cpp (when `llama_cpp` is installed: `pip install -e ".[bench]"`): the same model's GGUF
 (Q4_1, so it reads ~7x fewer weight bytes than our fp32), greedy; batch 1 in process
@@ -102,16 +103,18 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f} (others share this machine when > 0.5)")
     print(f"# SmolLM2-135M fp32; prompt {args.prompt_len} tokens; {n_new} new tokens; median of {repeats}")
     n_params = model.num_params(params)
-    limits = []  # (GEMM rate, bandwidth), measured at the start and after each batch's timings
+    # Readings at the start and after each batch's timings; the bandwidth 3 at a time (a cheap
+    # 512 MB sum), so that even a one-batch run has a median a single burst does not move.
+    gemms, widths = [], []
 
     def measure_limits():
-        gemm = max(max(gemm_rate(m, k, n).values()) for m, k, n in
-                   ((max(batches), cfg.hidden_size, cfg.intermediate_size), (1024, 1024, 1024)))
-        limits.append((gemm, memory_bandwidth()))
+        gemms.append(max(max(gemm_rate(m, k, n).values()) for m, k, n in
+                         ((max(batches), cfg.hidden_size, cfg.intermediate_size), (1024, 1024, 1024))))
+        widths.extend(memory_bandwidth() for _ in range(3))
 
     measure_limits()
-    print(f"# measured: fp32 GEMM rate {limits[0][0] / 1e9:.1f} GFLOP/s, memory bandwidth {limits[0][1] / 1e9:.1f} "
-          f"GB/s; {n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.0f} MB fp32)")
+    print(f"# measured: fp32 GEMM rate {gemms[0] / 1e9:.1f} GFLOP/s, memory bandwidth "
+          f"{statistics.median(widths) / 1e9:.1f} GB/s; {n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.0f} MB fp32)")
 
     prompts_of = text_prompts(tok, np.random.default_rng(0))
 
@@ -183,10 +186,10 @@ def main(argv=None) -> int:
         llama = llama_cpp_decode(str(find_gguf(default_cache_dir())), tok, [r["batch"] for r in rows],
                                  lambda b: prompts_of(b, args.prompt_len), n_new)
 
-    gemm, bandwidth = (statistics.median(x) for x in zip(*limits))
-    spread = lambda xs, unit: f"{min(xs) / 1e9:.1f}-{max(xs) / 1e9:.1f} {unit} (median {statistics.median(xs) / 1e9:.1f})"  # noqa: E731
-    print(f"\n# limits measured {len(limits)} times in this run: GEMM rate {spread([g for g, _ in limits], 'GFLOP/s')}, "
-          f"memory bandwidth {spread([w for _, w in limits], 'GB/s')}; the limit column uses the medians")
+    gemm, bandwidth = statistics.median(gemms), statistics.median(widths)
+    spread = lambda xs, mid, unit: f"{min(xs) / 1e9:.1f}-{max(xs) / 1e9:.1f} {unit} (median {mid / 1e9:.1f})"  # noqa: E731
+    print(f"\n# limits measured in this run: GEMM rate {spread(gemms, gemm, 'GFLOP/s')} over {len(gemms)} readings, "
+          f"memory bandwidth {spread(widths, bandwidth, 'GB/s')} over {len(widths)}; the limit column uses the medians")
     print("\n## Decode throughput, greedy (tokens/s, all rows together)")
     print("| batch | ours decode (stacked) | ours decode (per-layer) | HF decode | best ours / HF | llama.cpp (Q4_1) | "
           "limit (bound) | ours of limit | HF of limit | ours end-to-end | HF end-to-end | ratio | our compile s |")

@@ -82,9 +82,14 @@ def dense_output_major(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     ins = w.shape[w.ndim - n_in:]
     if x.shape[x.ndim - n_in:] != ins:
         raise ValueError(f"dense_output_major: input axes {x.shape[x.ndim - n_in:]} do not match the kernel's {ins}")
-    d = math.prod(ins)
-    yt = jax.lax.dot_general(w.reshape(-1, d).astype(x.dtype), x.reshape(-1, d), (((1,), (1,)), ((), ())))
+    yt = _feature_major(x.reshape(-1, math.prod(ins)), w)
     return _transposed_back(yt).reshape(x.shape[: x.ndim - n_in] + w.shape[: w.ndim - n_in])
+
+
+def _feature_major(x2: jax.Array, w: jax.Array) -> jax.Array:
+    """w [*out, *in] (the in axes flattening to d) times x2 [rows, d] transposed: [out, rows], the
+    kernel as the GEMM's M side."""
+    return jax.lax.dot_general(w.reshape(-1, x2.shape[1]).astype(x2.dtype), x2, (((1,), (1,)), ((), ())))
 
 
 def _transposed_back(yt: jax.Array) -> jax.Array:
@@ -99,10 +104,8 @@ def swiglu_output_major(h: jax.Array, gate_up: jax.Array, down: jax.Array) -> ja
     """`swiglu` with the decode layout's output-major kernels, gate_up [2, F, D] and down [D, F]
     (inference only): computed feature-major, [2F, rows] then [D, rows], as `dense_output_major`,
     and transposed back once."""
-    d = h.shape[-1]
-    ht = h.reshape(-1, d)
-    gu = jax.lax.dot_general(gate_up.reshape(-1, d).astype(h.dtype), ht, (((1,), (1,)), ((), ())))
-    gu = gu.reshape(2, -1, ht.shape[0])
+    h2 = h.reshape(-1, h.shape[-1])
+    gu = _feature_major(h2, gate_up).reshape(2, -1, h2.shape[0])
     a = jax.nn.silu(gu[0]) * gu[1]  # [F, rows]
     return _transposed_back(down.astype(h.dtype) @ a).reshape(h.shape)
 
